@@ -1,0 +1,140 @@
+"""The run configuration: a typed tree loaded from YAML, validated on construction.
+
+Every field has a docstring; unknown keys are errors (a typo must not be silently ignored).
+The embedded default run (`default_run()`) needs no file and no download.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from swarm import SwarmError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BuiltinModel(_Strict):
+    """A small Llama-style model generated locally from a seed (no download)."""
+
+    vocab_size: int = Field(260, ge=260, description="byte-level vocabulary: 256 bytes + 4 specials")
+    hidden_size: int = Field(256, ge=8, description="model width")
+    intermediate_size: int = Field(688, ge=8, description="MLP width")
+    num_hidden_layers: int = Field(4, ge=1, description="transformer blocks")
+    num_attention_heads: int = Field(4, ge=1, description="query heads")
+    num_key_value_heads: int = Field(4, ge=1, description="key/value heads (GQA when fewer than query heads)")
+    max_position_embeddings: int = Field(1024, ge=16, description="longest sequence")
+    seed: int = Field(0, description="seed of the base weights: the same seed gives the same weights everywhere")
+
+
+class ModelConfig(_Strict):
+    """Which base model the run fine-tunes."""
+
+    path: str | None = Field(None, description="local Hugging Face model directory; None = the embedded default")
+    builtin: BuiltinModel = Field(default_factory=BuiltinModel, description="the embedded model, used when path is None")
+
+
+class LoraConfig(_Strict):
+    """The adapter: identical on every peer of a run."""
+
+    r: int = Field(8, ge=1, le=1024, description="LoRA rank")
+    alpha: float = Field(16.0, gt=0, description="LoRA alpha; the update is scaled by alpha / r")
+    target_modules: tuple[str, ...] = Field(
+        ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+        min_length=1,
+        description="names of the linear layers that get an adapter",
+    )
+
+
+class TrainConfig(_Strict):
+    """Local training and the optimizer every peer applies to the averaged gradient."""
+
+    seq_len: int = Field(128, ge=8, description="tokens per sequence")
+    micro_batch: int = Field(8, ge=1, description="sequences per forward/backward (the planner may lower it to fit memory)")
+    tokens_per_round: int = Field(6144, ge=8, description="global token budget of one round, split among peers")
+    lr: float = Field(2e-3, gt=0, description="AdamW learning rate")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas")
+    eps: float = Field(1e-8, gt=0, description="AdamW epsilon")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    max_grad_norm: float = Field(1.0, gt=0, description="each peer clips its mean gradient to this L2 norm before averaging")
+    dtype: Literal["float32"] = Field("float32", description="training dtype (adapters and gradients are always fp32 on the wire)")
+
+
+class DataConfig(_Strict):
+    """The training text."""
+
+    source: str = Field(
+        "pydoc",
+        description="'pydoc' = the documentation text that ships with every CPython (pydoc_data.topics), "
+        "or a path to a UTF-8 text file",
+    )
+
+
+class AveragingConfig(_Strict):
+    """How peers meet to average."""
+
+    matchmaking_time: float = Field(3.0, gt=0, description="seconds a peer looks for its group")
+    allreduce_timeout: float = Field(30.0, gt=0, description="seconds an all-reduce may take before the round is abandoned")
+    round_timeout: float = Field(120.0, gt=0, description="seconds to wait at the round barrier for missing peers")
+
+
+class RunConfig(_Strict):
+    """One training run: every peer of the run must agree on all of it."""
+
+    name: str = Field("default", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", description="the run's name in the DHT")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    averaging: AveragingConfig = Field(default_factory=AveragingConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _no_dots_only(cls, v: str) -> str:
+        return v
+
+    def fingerprint(self) -> str:
+        """Hash of what must match across peers (model choice, adapter shape, optimizer)."""
+        agreed = self.model_dump(mode="json", exclude={"averaging": True, "data": True})
+        agreed["model"].pop("path", None)
+        return hashlib.sha256(json.dumps(agreed, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def default_run() -> RunConfig:
+    """The embedded default run: a small local model, pydoc text, no download."""
+    return RunConfig()
+
+
+def load_config(path: str | Path | None) -> RunConfig:
+    """Load a run config from YAML; raise SwarmError with a one-line message on any problem."""
+    if path is None:
+        return default_run()
+    p = Path(path)
+    if not p.is_file():
+        raise SwarmError(f"config file not found: {p}")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise SwarmError(f"config {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise SwarmError(f"config {p} must be a mapping at the top level")
+    try:
+        cfg = RunConfig.model_validate(raw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(x) for x in err["loc"]) or "(top level)"
+        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        raise SwarmError(f"config {p}: {where}: {msg}") from None
+    if cfg.model.path is not None:
+        mp = Path(cfg.model.path).expanduser()
+        if not mp.is_absolute():
+            mp = (p.parent / mp).resolve() if not mp.exists() else mp.resolve()
+        cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"path": str(mp)})})
+    return cfg

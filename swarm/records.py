@@ -1,0 +1,81 @@
+"""Versioned wire records. Everything here arrives from other peers: untrusted input.
+
+Records are strict on types (no coercion: "12" is not a number), reject absurd values, reject an
+unknown version, and ignore unknown fields of a known version (a newer peer may add fields).
+`parse_*` functions are the only way a record from the network reaches the rest of the code.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from swarm import SwarmError
+
+ADVERT_VERSION = 1
+TB = 1 << 40
+
+
+class RecordError(SwarmError):
+    """A record from the network failed validation."""
+
+
+class _Wire(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True, frozen=True)
+
+    def to_wire(self) -> dict[str, Any]:
+        """Plain msgpack-safe dict (str/int/float/bool/None/list/dict only)."""
+        return self.model_dump(mode="json")
+
+
+class CapabilityAdvert(_Wire):
+    """What a peer says about itself, under its run, in the DHT (refreshed, with expiry)."""
+
+    version: Literal[1] = ADVERT_VERSION
+    peer_id: str = Field(min_length=1, max_length=128)
+    run: str = Field(min_length=1, max_length=64)
+    backend: Literal["cuda", "rocm", "mps", "mlx", "cpu"]
+    device: str = Field(max_length=200)
+    tier: str = Field(max_length=40)
+    memory_total_bytes: int = Field(ge=0, le=64 * TB)
+    memory_usable_bytes: int = Field(ge=0, le=64 * TB)
+    throughput_tokens_per_s: float = Field(ge=0.0, le=1e9, description="measured LoRA-step throughput on the run's model")
+    max_utilization: float = Field(1.0, gt=0.0, le=1.0)
+    max_micro_batch: int = Field(ge=0, le=1 << 20, description="largest micro-batch that fits this peer's memory for the run")
+    start_round: int = Field(0, ge=0, description="first global round this peer contributes to")
+    paused: bool = False
+    timestamp: float = Field(ge=0.0, description="sender's DHT time when the advert was written")
+
+    @field_validator("throughput_tokens_per_s", "max_utilization", "timestamp")
+    @classmethod
+    def _finite(cls, v: float) -> float:
+        if not math.isfinite(v):
+            raise ValueError("must be finite")
+        return v
+
+    @field_validator("memory_usable_bytes")
+    @classmethod
+    def _usable_le_total(cls, v: int, info) -> int:
+        total = info.data.get("memory_total_bytes")
+        if total is not None and v > total:
+            raise ValueError("usable memory exceeds total memory")
+        return v
+
+
+def _parse(model: type[_Wire], raw: Any, what: str, version: int) -> Any:
+    if not isinstance(raw, dict):
+        raise RecordError(f"{what}: expected a mapping, got {type(raw).__name__}")
+    if raw.get("version") != version:
+        raise RecordError(f"{what}: unsupported version {raw.get('version')!r} (this peer speaks {version})")
+    try:
+        return model.model_validate(raw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise RecordError(f"{what}: {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+
+
+def parse_advert(raw: Any) -> CapabilityAdvert:
+    """Validate a capability advert from the network; RecordError if it is anything but sound."""
+    return _parse(CapabilityAdvert, raw, "capability advert", ADVERT_VERSION)
