@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -47,23 +48,86 @@ def from_peft_key(key: str) -> str:
     return k.replace(".lora_A.default", ".lora_A").replace(".lora_B.default", ".lora_B")
 
 
-# --- mlx-lm (LoRALinear keeps lora_a as (in, r), lora_b as (r, out), and its own `scale`) -------
-def to_mlx(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+# --- mlx-lm ----------------------------------------------------------------------------------
+# mlx-lm's LoRALinear (mlx_lm/tuner/lora.py) computes y = linear(x) + scale * (x @ lora_a) @ lora_b with
+# lora_a (in, r), lora_b (r, out) and scale = alpha / r: the transposes of peft's lora_A / lora_B.
+# Its module paths for Llama / Qwen2 / Mistral are HF's ("model.layers.0.self_attn.q_proj"), so only the
+# leaf name and the orientation change. Transposes only: round trips are exact.
+MLX_ADAPTER_FILE = "adapters.safetensors"
+_TO_MLX_LEAF = {"lora_A": "lora_a", "lora_B": "lora_b"}
+_FROM_MLX_LEAF = {v: k for k, v in _TO_MLX_LEAF.items()}
+
+
+def _convert(tensors: dict[str, np.ndarray], leaves: dict[str, str], kind: str) -> dict[str, np.ndarray]:
     out = {}
     for name, a in tensors.items():
-        mod, which = name.rsplit(".", 1)
-        out[f"{mod}.{which.lower()}"] = np.ascontiguousarray(a.T)
+        mod, _, leaf = name.rpartition(".")
+        if leaf not in leaves or not mod:
+            raise SwarmError(f"not a {kind} LoRA tensor name: {name}")
+        a = np.asarray(a)
+        if a.ndim != 2:
+            raise SwarmError(f"LoRA tensor {name} has shape {a.shape}, expected 2 dimensions")
+        out[f"{mod}.{leaves[leaf]}"] = np.ascontiguousarray(a.T)
     return out
+
+
+def to_mlx(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Canonical -> mlx-lm: '<module>.lora_A' (r, in) -> '<module>.lora_a' (in, r); lora_B likewise."""
+    return _convert(tensors, _TO_MLX_LEAF, "canonical")
 
 
 def from_mlx(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    out = {}
-    for name, a in tensors.items():
-        mod, which = name.rsplit(".", 1)
-        if which not in ("lora_a", "lora_b"):
-            raise SwarmError(f"not an mlx LoRA tensor name: {name}")
-        out[f"{mod}.{which[:-1]}{which[-1].upper()}"] = np.ascontiguousarray(a.T)
-    return out
+    """mlx-lm -> canonical (the exact inverse of `to_mlx`)."""
+    return _convert(tensors, _FROM_MLX_LEAF, "mlx")
+
+
+_LAYER_PATH = re.compile(r"^(?:.*\.)?layers\.(\d+)\.(.+)$")
+
+
+def mlx_adapter_config(tensors: dict[str, np.ndarray], run: RunConfig) -> dict:
+    """adapter_config.json as mlx-lm's `load_adapters` / `linear_to_lora_layers` read it.
+
+    `keys` are module paths relative to a transformer block ("self_attn.q_proj"), or top-level paths for
+    modules outside the blocks; `num_layers` counts blocks from the last one, so it spans every adapted block.
+    """
+    keys: set[str] = set()
+    deepest = -1
+    for name in tensors:
+        m = _LAYER_PATH.match(module_of(name))
+        if m:
+            deepest = max(deepest, int(m.group(1)))
+            keys.add(m.group(2))
+        else:
+            keys.add(module_of(name))
+    return {
+        "fine_tune_type": "lora",
+        "num_layers": deepest + 1,
+        "lora_parameters": {"rank": run.lora.r, "scale": scale(run), "dropout": 0.0, "keys": sorted(keys)},
+    }
+
+
+def save_mlx_adapter(directory: Path, tensors: dict[str, np.ndarray], run: RunConfig) -> None:
+    """Write an mlx-lm adapter directory (`mlx_lm.load(model, adapter_path=...)` loads it) atomically."""
+    from safetensors.numpy import save
+
+    if not tensors:
+        raise SwarmError("refusing to write an empty adapter")
+    mlx = to_mlx({k: np.asarray(v, dtype=np.float32) for k, v in tensors.items()})
+    payload = save(dict(sorted(mlx.items())), metadata={"format": "mlx"})
+    write_dir_atomically(Path(directory), {
+        MLX_ADAPTER_FILE: payload,
+        ADAPTER_CONFIG: json.dumps(mlx_adapter_config(tensors, run), indent=2).encode(),
+    })
+
+
+def load_mlx_adapter(directory: Path) -> dict[str, np.ndarray]:
+    """Read an mlx-lm adapter directory back into canonical layout."""
+    from safetensors.numpy import load_file
+
+    f = Path(directory) / MLX_ADAPTER_FILE
+    if not f.is_file():
+        raise SwarmError(f"no mlx adapter at {f}")
+    return from_mlx(load_file(str(f)))
 
 
 def adapter_sha256(tensors: dict[str, np.ndarray]) -> str:
@@ -131,3 +195,20 @@ def load_peft_adapter(directory: Path) -> dict[str, np.ndarray]:
     if not f.is_file():
         raise SwarmError(f"no adapter at {f}")
     return {from_peft_key(k): v for k, v in load_file(str(f)).items()}
+
+
+def initial_adapter(shapes: dict[str, tuple[int, ...]], seed: int) -> dict[str, np.ndarray]:
+    """The round-0 adapter, identical on every peer and backend: lora_A ~ U(±1/sqrt(in)), lora_B = 0.
+
+    (peft's default draws lora_A from the framework RNG, which differs between machines.)
+    """
+    rng = np.random.Generator(np.random.PCG64([seed, 0x10CA]))
+    out = {}
+    for name in sorted(shapes):
+        shape = shapes[name]
+        if name.endswith(".lora_A"):
+            bound = 1.0 / np.sqrt(shape[1])
+            out[name] = rng.uniform(-bound, bound, size=shape).astype(np.float32)
+        else:
+            out[name] = np.zeros(shape, dtype=np.float32)
+    return out

@@ -79,3 +79,54 @@ def _parse(model: type[_Wire], raw: Any, what: str, version: int) -> Any:
 def parse_advert(raw: Any) -> CapabilityAdvert:
     """Validate a capability advert from the network; RecordError if it is anything but sound."""
     return _parse(CapabilityAdvert, raw, "capability advert", ADVERT_VERSION)
+
+
+# --- run and progress records (written by the swarm loop) -----------------------------------
+RUN_VERSION = 1
+PROGRESS_VERSION = 1
+
+
+class RunRecord(_Wire):
+    """A run in the DHT: what a peer must match to join it, and what it needs to pick it."""
+
+    version: Literal[1] = RUN_VERSION
+    name: str = Field(min_length=1, max_length=64)
+    protocol: int = Field(ge=0, le=1 << 16)
+    fingerprint: str = Field(min_length=1, max_length=64, description="hash of model choice, LoRA and optimizer settings")
+    base_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    model: str = Field(max_length=300, description="human-readable model name")
+    params: int = Field(ge=0, le=1 << 50, description="base model parameter count")
+    config: dict = Field(description="the run config (JSON), so a joiner without the YAML can rebuild it")
+    model_config_json: dict = Field(default_factory=dict, description="the base model's config.json (its shape, for memory estimates)")
+    created: float = Field(ge=0.0)
+
+
+class ProgressRecord(_Wire):
+    """A peer's latest completed round: for joiners, the status table, and agreement checks."""
+
+    version: Literal[1] = PROGRESS_VERSION
+    peer_id: str = Field(min_length=1, max_length=128)
+    round: int = Field(ge=0, le=1 << 40)
+    adapter_sha256: str = Field(max_length=64)
+    loss: float | None = None
+    tokens_per_s: float = Field(0.0, ge=0.0, le=1e12)
+    quota_tokens: int = Field(0, ge=0, le=1 << 40)
+    micro_batch: int = Field(0, ge=0, le=1 << 20)
+    plan_id: str = Field("", max_length=64)
+    state: Literal["training", "paused", "leaving"] = "training"
+    timestamp: float = Field(ge=0.0)
+
+    @field_validator("loss", "tokens_per_s", "timestamp")
+    @classmethod
+    def _finite(cls, v):
+        if v is not None and not math.isfinite(v):
+            raise ValueError("must be finite")
+        return v
+
+
+def parse_run(raw: Any) -> RunRecord:
+    return _parse(RunRecord, raw, "run record", RUN_VERSION)
+
+
+def parse_progress(raw: Any) -> ProgressRecord:
+    return _parse(ProgressRecord, raw, "progress record", PROGRESS_VERSION)

@@ -1,0 +1,240 @@
+"""MLX LoRA backend (Apple Silicon GPU, or CPU via mlx[cpu] on Linux).
+
+The base model is built by mlx-lm's model classes from the same safetensors the torch backend reads
+(any HF directory whose `model_type` mlx-lm knows: Llama, Qwen2, Mistral, ...), cast to float32, frozen,
+and its target linears wrapped in mlx-lm's `LoRALinear`. Everything that leaves this module is in the
+canonical layout, converted only by `swarm.adapters.to_mlx` / `from_mlx`.
+
+Numerics follow the torch backend exactly in definition: loss = sum of token cross-entropies over
+ids[:, :-1] -> ids[:, 1:], gradients divided by total tokens; AdamW = torch.optim.AdamW (bias correction
+with python-float scalars, decoupled weight decay `p *= 1 - lr * wd`, eps added after dividing sqrt(v) by
+sqrt(1 - beta2**t)). mlx.optimizers.AdamW differs (no bias correction by default, eps placement), so it
+is not used.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Iterable
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten, tree_unflatten
+
+from swarm import SwarmError
+from swarm.adapters import from_mlx, initial_adapter, module_of, scale, to_mlx
+from swarm.backends.base import OptimizerState, TrainResult
+from swarm.config import RunConfig
+
+INSTALL_HINT = 'pip install -e ".[mlx]"'
+
+
+def _mlx_lm():
+    """mlx-lm's loader and LoRA layer, imported on first use; SwarmError (one line) if it is missing."""
+    try:
+        from mlx_lm.tuner.lora import LoRALinear
+        from mlx_lm.utils import load_model
+    except ImportError as e:
+        raise SwarmError(f"--backend mlx needs mlx-lm ({getattr(e, 'name', None) or 'mlx_lm'} is missing): {INSTALL_HINT}") from None
+    return load_model, LoRALinear
+
+
+def _targets(name: str, targets: tuple[str, ...]) -> bool:
+    """peft's rule for a list of target_modules: the module path equals a target or ends with '.<target>'."""
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def load_lora_model(run: RunConfig, model_dir: Path) -> tuple[nn.Module, dict[str, str]]:
+    """mlx-lm model from `model_dir`, fp32, frozen, LoRA on the run's target modules (lora_b = 0).
+
+    Returns the model and {mlx parameter path: canonical name} for every adapter tensor.
+    """
+    load_model, LoRALinear = _mlx_lm()
+    model_dir = Path(model_dir)
+    try:
+        model, _ = load_model(model_dir, strict=True)
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        raise SwarmError(f"mlx-lm cannot load the model at {model_dir}: {str(e).splitlines()[0]}") from None
+    model.set_dtype(mx.float32)
+    model.freeze()
+    found = [(p, m) for p, m in model.named_modules() if _targets(p, run.lora.target_modules)]
+    if not found:
+        raise SwarmError(f"no module of the model at {model_dir} matches lora.target_modules {list(run.lora.target_modules)}")
+    wrapped = []
+    for path, module in found:
+        if type(module) is not nn.Linear:
+            raise SwarmError(f"LoRA target {path} is a {type(module).__name__}, not a float Linear layer")
+        wrapped.append((path, LoRALinear.from_base(module, r=run.lora.r, dropout=0.0, scale=scale(run))))
+    model.update_modules(tree_unflatten(wrapped))
+    names = {}
+    for path, _ in found:
+        for leaf in ("lora_a", "lora_b"):
+            (canon,) = from_mlx({f"{path}.{leaf}": np.zeros((1, 1), np.float32)})
+            names[f"{path}.{leaf}"] = canon
+    _check_hf_paths(model_dir, {p for p, _ in found})
+    return model, names
+
+
+def _check_hf_paths(model_dir: Path, modules: set[str]) -> None:
+    """Canonical names are HF module paths: refuse an architecture whose mlx-lm paths differ."""
+    keys: set[str] = set()
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        keys = set(json.loads(index.read_text())["weight_map"])
+    else:
+        from safetensors import safe_open
+
+        for f in sorted(model_dir.glob("*.safetensors")):
+            with safe_open(str(f), framework="np") as st:
+                keys.update(st.keys())
+    missing = sorted(m for m in modules if f"{m}.weight" not in keys)
+    if missing:
+        raise SwarmError(f"mlx-lm names module {missing[0]} differently from the HF checkpoint; this architecture is not supported on mlx")
+
+
+def _sum_ce(model: nn.Module, ids: mx.array) -> mx.array:
+    logits = model(ids[:, :-1])
+    return nn.losses.cross_entropy(logits.astype(mx.float32), ids[:, 1:], reduction="sum")
+
+
+class MlxLoraBackend:
+    name = "mlx"
+
+    def __init__(self, run: RunConfig, model_dir: Path, threads: int | None = None, seed: int = 0) -> None:
+        # `threads` is accepted for interface parity: mlx sizes its own CPU pool and runs on the GPU on Apple Silicon.
+        self.run = run
+        self.device = str(mx.default_device())
+        self.model, self._canon = load_lora_model(run, model_dir)
+        self._mlx_of = {c: p for p, c in self._canon.items()}
+        self._names = sorted(self._mlx_of)
+        self._shapes = {p: tuple(a.shape) for p, a in tree_flatten(self.model.trainable_parameters())}
+        if set(self._shapes) != set(self._canon):
+            raise SwarmError("mlx model: trainable parameters are not exactly the LoRA tensors")
+        canon_shapes = {c: self._shapes[p][::-1] for p, c in self._canon.items()}
+        self.set_adapter(initial_adapter(canon_shapes, seed))
+        self._loss_and_grad = nn.value_and_grad(self.model, _sum_ce)
+        self._step = 0
+        self._m: dict[str, mx.array] = {}
+        self._v: dict[str, mx.array] = {}
+
+    def adapter_names(self) -> list[str]:
+        return list(self._names)
+
+    # --- training -----------------------------------------------------------------------------
+    def train(self, batches: Iterable[np.ndarray]) -> TrainResult:
+        start = time.perf_counter()
+        total = None
+        tokens, loss_sum = 0, 0.0
+        for batch in batches:
+            ids = mx.array(np.ascontiguousarray(batch, dtype=np.int64).astype(np.int32))
+            loss, grads = self._loss_and_grad(self.model, ids)
+            total = grads if total is None else _tree_add(total, grads)
+            mx.eval(loss, total)
+            tokens += int(ids.shape[0] * (ids.shape[1] - 1))
+            loss_sum += float(loss.item())
+        flat = dict(tree_flatten(total)) if total is not None else {}
+        grads = {}
+        for p, c in self._canon.items():
+            g = np.array(flat[p], dtype=np.float32) if p in flat else np.zeros(self._shapes[p], np.float32)
+            grads[p] = (g / max(tokens, 1)).astype(np.float32)
+        return TrainResult(grads=from_mlx(grads), tokens=tokens, loss_sum=loss_sum, seconds=time.perf_counter() - start)
+
+    def eval_loss(self, batches: Iterable[np.ndarray]) -> float:
+        total, n = 0.0, 0
+        for batch in batches:
+            ids = mx.array(np.ascontiguousarray(batch, dtype=np.int64).astype(np.int32))
+            loss = _sum_ce(self.model, ids)
+            total += float(loss.item())
+            n += int(ids.shape[0] * (ids.shape[1] - 1))
+        return total / max(n, 1)
+
+    def apply_update(self, mean_grads: dict[str, np.ndarray]) -> None:
+        """One torch.optim.AdamW step (foreach=False semantics), op for op."""
+        grads = self._to_params(mean_grads, "gradient")
+        t = self.run.train
+        b1, b2 = t.betas
+        self._step += 1
+        bias_correction1 = 1 - b1 ** float(self._step)          # python floats, as torch computes them
+        bias_correction2 = 1 - b2 ** float(self._step)
+        step_size = t.lr / bias_correction1
+        bias_correction2_sqrt = bias_correction2 ** 0.5
+        params = dict(tree_flatten(self.model.trainable_parameters()))
+        new = []
+        for p in self._names_mlx():
+            g, w = grads[p], params[p]
+            m = self._m.get(p, mx.zeros_like(w))
+            v = self._v.get(p, mx.zeros_like(w))
+            if t.weight_decay != 0:
+                w = w * (1 - t.lr * t.weight_decay)
+            m = m + (1 - b1) * (g - m)                              # exp_avg.lerp_(grad, 1 - beta1)
+            v = v * b2 + (1 - b2) * (g * g)                         # exp_avg_sq.mul_(b2).addcmul_(g, g, 1 - b2)
+            denom = mx.sqrt(v) / bias_correction2_sqrt + t.eps
+            w = w - step_size * (m / denom)                         # param.addcdiv_(exp_avg, denom, -step_size)
+            self._m[p], self._v[p] = m, v
+            new.append((p, w))
+        self.model.update(tree_unflatten(new))
+        mx.eval(self.model.trainable_parameters(), self._m, self._v)
+
+    # --- state in canonical layout ------------------------------------------------------------
+    def _names_mlx(self) -> list[str]:
+        return [self._mlx_of[c] for c in self._names]
+
+    def _to_params(self, tensors: dict[str, np.ndarray], what: str) -> dict[str, mx.array]:
+        missing = sorted(set(self._names) - set(tensors))
+        if missing:
+            raise SwarmError(f"{what} lacks adapter tensor {missing[0]} ({len(missing)} missing)")
+        extra = sorted(set(tensors) - set(self._names))
+        if extra:
+            raise SwarmError(f"{what} has unknown adapter tensor {extra[0]}")
+        out = {}
+        for p, a in to_mlx({c: np.asarray(tensors[c], dtype=np.float32) for c in self._names}).items():
+            if tuple(a.shape) != self._shapes[p]:
+                raise SwarmError(f"{what} tensor {self._canon[p]} has shape {a.shape[::-1]}, expected {self._shapes[p][::-1]}")
+            out[p] = mx.array(a)
+        return out
+
+    def _from_params(self, arrays: dict[str, mx.array]) -> dict[str, np.ndarray]:
+        return from_mlx({p: np.array(a, dtype=np.float32) for p, a in arrays.items()})
+
+    def get_adapter(self) -> dict[str, np.ndarray]:
+        params = dict(tree_flatten(self.model.trainable_parameters()))
+        return self._from_params({p: params[p] for p in self._names_mlx()})
+
+    def set_adapter(self, tensors: dict[str, np.ndarray]) -> None:
+        self.model.update(tree_unflatten(list(self._to_params(tensors, "adapter").items())))
+        mx.eval(self.model.trainable_parameters())
+
+    def get_optimizer(self) -> OptimizerState:
+        if self._step == 0:
+            return OptimizerState(step=0)
+        return OptimizerState(step=self._step, exp_avg=self._from_params(self._m), exp_avg_sq=self._from_params(self._v))
+
+    def set_optimizer(self, state: OptimizerState) -> None:
+        if state.step == 0:
+            self._step, self._m, self._v = 0, {}, {}
+            return
+        m = self._to_params(state.exp_avg, "optimizer exp_avg")
+        v = self._to_params(state.exp_avg_sq, "optimizer exp_avg_sq")
+        self._step, self._m, self._v = int(state.step), m, v
+
+    def base_weights(self) -> dict[str, np.ndarray]:
+        """The frozen base weights as this backend holds them, named as in the checkpoint, fp32 numpy."""
+        wrapped = {module_of(c) for c in self._canon}
+        out = {}
+        for p, a in tree_flatten(self.model.parameters()):
+            if p in self._canon:
+                continue
+            mod, _, leaf = p.rpartition(".")
+            if mod.endswith(".linear") and mod[: -len(".linear")] in wrapped:
+                p = f"{mod[: -len('.linear')]}.{leaf}"
+            out[p] = np.array(a, dtype=np.float32)
+        return out
+
+
+def _tree_add(a, b):
+    from mlx.utils import tree_map
+
+    return tree_map(lambda x, y: x + y, a, b)

@@ -1,0 +1,130 @@
+"""torch + peft LoRA backend (CUDA, ROCm, MPS or CPU)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from swarm.adapters import from_peft_key, initial_adapter
+from swarm.backends.base import OptimizerState, TrainResult
+from swarm.config import RunConfig
+
+
+def _quiet_transformers() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def load_peft_model(run: RunConfig, model_dir: Path, device: str = "cpu"):
+    """The base model from `model_dir` wrapped with the run's LoRA (peft), fp32."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    _quiet_transformers()
+    base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    base.config.use_cache = False
+    cfg = LoraConfig(r=run.lora.r, lora_alpha=run.lora.alpha, lora_dropout=0.0,
+                     target_modules=list(run.lora.target_modules), bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(base, cfg).to(device)
+
+
+class TorchLoraBackend:
+    name = "torch"
+
+    def __init__(self, run: RunConfig, model_dir: Path, threads: int | None = None, device: str = "cpu", seed: int = 0) -> None:
+        if threads:
+            torch.set_num_threads(threads)
+        self.run = run
+        self.device = torch.device(device)
+        self.model = load_peft_model(run, model_dir, device)
+        self.params: dict[str, torch.nn.Parameter] = {
+            from_peft_key(n): p for n, p in self.model.named_parameters() if p.requires_grad
+        }
+        self._names = sorted(self.params)
+        self.set_adapter(initial_adapter({k: tuple(p.shape) for k, p in self.params.items()}, seed))
+        t = run.train
+        self.optimizer = torch.optim.AdamW([self.params[k] for k in self._names], lr=t.lr, betas=t.betas,
+                                           eps=t.eps, weight_decay=t.weight_decay, foreach=False)
+
+    def adapter_names(self) -> list[str]:
+        return list(self._names)
+
+    def _loss_sum(self, batch: np.ndarray) -> tuple[torch.Tensor, int]:
+        ids = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device)
+        logits = self.model(input_ids=ids[:, :-1]).logits
+        labels = ids[:, 1:]
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), reduction="sum")
+        return loss, labels.numel()
+
+    def train(self, batches: Iterable[np.ndarray]) -> TrainResult:
+        start = time.perf_counter()
+        self.model.train()
+        for p in self.params.values():
+            p.grad = None
+        tokens, loss_sum = 0, 0.0
+        for batch in batches:
+            loss, n = self._loss_sum(batch)
+            loss.backward()
+            tokens += n
+            loss_sum += float(loss.detach())
+        grads = {}
+        for k in self._names:
+            g = self.params[k].grad
+            grads[k] = (g.detach().to("cpu", torch.float32).numpy() / max(tokens, 1)).astype(np.float32) if g is not None \
+                else np.zeros(tuple(self.params[k].shape), np.float32)
+            self.params[k].grad = None
+        return TrainResult(grads=grads, tokens=tokens, loss_sum=loss_sum, seconds=time.perf_counter() - start)
+
+    @torch.no_grad()
+    def eval_loss(self, batches: Iterable[np.ndarray]) -> float:
+        self.model.eval()
+        total, n = 0.0, 0
+        for batch in batches:
+            loss, k = self._loss_sum(batch)
+            total += float(loss)
+            n += k
+        return total / max(n, 1)
+
+    def apply_update(self, mean_grads: dict[str, np.ndarray]) -> None:
+        for k in self._names:
+            self.params[k].grad = torch.from_numpy(np.ascontiguousarray(mean_grads[k], dtype=np.float32)).to(self.device)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def get_adapter(self) -> dict[str, np.ndarray]:
+        return {k: self.params[k].detach().to("cpu", torch.float32).numpy().copy() for k in self._names}
+
+    @torch.no_grad()
+    def set_adapter(self, tensors: dict[str, np.ndarray]) -> None:
+        for k in self._names:
+            self.params[k].copy_(torch.from_numpy(np.ascontiguousarray(tensors[k], dtype=np.float32)))
+
+    def get_optimizer(self) -> OptimizerState:
+        st = OptimizerState(step=0)
+        for k in self._names:
+            s = self.optimizer.state.get(self.params[k])
+            if not s:
+                continue
+            st.step = int(s["step"])
+            st.exp_avg[k] = s["exp_avg"].detach().cpu().numpy().copy()
+            st.exp_avg_sq[k] = s["exp_avg_sq"].detach().cpu().numpy().copy()
+        return st
+
+    def set_optimizer(self, state: OptimizerState) -> None:
+        self.optimizer.state.clear()
+        if state.step == 0:
+            return
+        for k in self._names:
+            p = self.params[k]
+            self.optimizer.state[p] = {
+                "step": torch.tensor(float(state.step)),
+                "exp_avg": torch.from_numpy(np.array(state.exp_avg[k], dtype=np.float32)).to(self.device),
+                "exp_avg_sq": torch.from_numpy(np.array(state.exp_avg_sq[k], dtype=np.float32)).to(self.device),
+            }

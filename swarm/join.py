@@ -1,0 +1,115 @@
+"""python -m swarm.join: one peer of a swarm.
+
+`run_peer` reads top to bottom as the data flow:
+    detect -> advertise -> plan -> train -> average -> commit -> checkpoint
+Everything it calls is a module of its own: hardware, transport, membership, planner, round,
+averaging, checkpoint. Errors the user can act on are one line on stderr and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+from swarm import PROTOCOL_VERSION, SwarmError
+
+DEFAULT_OUTPUT = "swarm-output"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m swarm.join", description="Join (or start) a swarm and train its LoRA adapter.")
+    p.add_argument("--initial-peers", nargs="+", metavar="MULTIADDR", default=None,
+                   help="multiaddrs of any live peer (what the first peer prints); none = start a new swarm")
+    p.add_argument("--host", default="0.0.0.0", help="address to listen on (127.0.0.1 keeps everything on loopback)")
+    p.add_argument("--port", type=int, default=0, help="TCP port to listen on (default: any free port)")
+    p.add_argument("--config", default=None, help="run config YAML (default: the embedded default run)")
+    p.add_argument("--run", default=None, help="name of the run to join (default: the config's run, or the best fit when joining)")
+    p.add_argument("--max-rounds", type=int, default=None, help="leave cleanly once the swarm's global round N is complete")
+    p.add_argument("--output", default=None, help=f"where this peer writes its adapter and metrics (default: ./{DEFAULT_OUTPUT}/<run>)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial adapter and of data sampling")
+    p.add_argument("--backend", choices=["auto", "torch", "mlx"], default="auto", help="training framework (auto: mlx on Apple Silicon, else torch)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for local compute (default: the framework's choice)")
+    p.add_argument("--memory-limit", type=float, default=None, metavar="GB", help="cap the memory this peer may use")
+    p.add_argument("--max-utilization", type=float, default=1.0, metavar="F",
+                   help="compute only this fraction of the time (0 < F <= 1), leaving the rest to the machine's owner")
+    p.add_argument("--min-peers", type=int, default=1, help="before round 1 of a new swarm, wait until this many peers are advertised")
+    p.add_argument("--uniform", action="store_true", help="equal token quotas for all peers instead of speed-negotiated ones (baseline)")
+    args = p.parse_args(argv)
+    if not 0 < args.max_utilization <= 1:
+        p.error("--max-utilization must be in (0, 1]")
+    if args.max_rounds is not None and args.max_rounds < 0:
+        p.error("--max-rounds must be >= 0")
+    if args.memory_limit is not None and args.memory_limit <= 0:
+        p.error("--memory-limit must be a positive number of GB")
+    if not 0 <= args.port <= 65535:
+        p.error("--port must be in 0..65535")
+    return args
+
+
+class StopFlag:
+    """SIGINT/SIGTERM: finish (or abandon) the current round, save, leave, exit 0. A second signal exits at once."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+
+    def install(self) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.event.is_set():
+            os._exit(130)
+        self.event.set()
+
+    def __call__(self) -> bool:
+        return self.event.is_set()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    stop = StopFlag()
+    stop.install()
+    try:
+        return run_peer(args, stop)
+    except SwarmError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def run_peer(args: argparse.Namespace, stop: StopFlag) -> int:
+    from swarm import checkpoint
+    from swarm.peer import Peer
+
+    # detect: this machine, the run, the base model, the backend
+    peer = Peer.create(args)
+    try:
+        # advertise: join the DHT, agree on the run, get the current state, announce capability
+        peer.connect()
+        state = peer.initial_state(stop)
+        peer.start_advertising()
+        while not stop() and (args.max_rounds is None or state.round < args.max_rounds):
+            rnd = state.round + 1
+            plan = peer.plan(rnd, stop)                                  # plan
+            if plan is None:
+                continue
+            train = peer.train(plan, rnd, stop)                          # train
+            outcome = peer.average(plan, train, rnd)                     # average
+            if outcome.ok:
+                state = peer.commit(outcome, rnd)                        # commit
+                checkpoint.save(peer.out / "checkpoint", state)          # checkpoint
+                peer.publish(state, plan, train, outcome)
+            else:
+                state = peer.roll_back(outcome, rnd, stop)               # roll back: nothing applied
+        peer.leave(state)
+        return 0
+    finally:
+        peer.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,422 @@
+"""A peer's steps, one method each, in the order `swarm.join.run_peer` calls them.
+
+detect (create) -> connect -> initial_state -> start_advertising -> [plan -> train -> average ->
+commit | roll_back] -> leave -> close.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import os
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from swarm import PROTOCOL_VERSION, SwarmError, checkpoint
+from swarm.adapters import initial_adapter, save_peft_adapter
+from swarm.backends.base import OptimizerState, TrainResult
+from swarm.checkpoint import StateError, TrainingState
+from swarm.config import RunConfig, default_run, load_config
+from swarm.metrics import MetricsFile, Reporter
+from swarm.planner import RoundPlan, RunOption, choose_run, needs_replan, plan_round
+from swarm.records import CapabilityAdvert, ProgressRecord, RunRecord
+from swarm.round import Pacer, RoundOutcome, average_round
+
+ADVERT_PERIOD = 5.0
+POLL = 0.2
+
+
+class Peer:
+    # ------------------------------------------------------------------------------ detect
+    @classmethod
+    def create(cls, args: argparse.Namespace) -> "Peer":
+        from swarm.hardware import detect
+
+        self = cls()
+        self.args = args
+        self.config = load_config(args.config) if args.config else None
+        self.hw = detect(memory_limit_gb=args.memory_limit)
+        self.out = Path(args.output or os.path.join(".", "swarm-output")).resolve()
+        self._lock_output()
+        self.transport = None
+        self.stop_advertising = threading.Event()
+        self._state_lock = threading.Lock()
+        self.state: TrainingState | None = None
+        self.start_round = 0
+        self.paused = False
+        self.tokens_per_s = 0.0
+        self.previous_round_seconds: float | None = None
+        self.last_plan: RoundPlan | None = None
+        self.last_adverts: list[CapabilityAdvert] = []
+        return self
+
+    def _lock_output(self) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        self._lock_file = open(self.out / ".lock", "w")
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise SwarmError(f"output directory {self.out} is in use by another peer: give this one its own --output") from None
+
+    # ------------------------------------------------------------------------------ connect
+    def connect(self) -> None:
+        from swarm.membership import Membership
+        from swarm.transport.hivemind_dht import HivemindTransport
+
+        a = self.args
+        self.transport = HivemindTransport(host=a.host, port=a.port, initial_peers=a.initial_peers,
+                                           identity=self.out / "identity.key")
+        self.me = self.transport.peer_id
+        self.log = Reporter(self.me)
+        if not a.initial_peers:
+            print("initial peers: " + " ".join(self.transport.visible_maddrs()), flush=True)
+        self.log.say(f"output: {self.out}")
+        self.log.say(f"hardware: {self.hw.backend} ({self.hw.backend_reason}), {self.hw.device}, "
+                     f"{self.hw.memory_usable_bytes / 1e9:.1f} of {self.hw.memory_total_bytes / 1e9:.1f} GB usable, tier {self.hw.tier}")
+        self.members = Membership(self.transport)
+        self.run, self.run_record = self._resolve_run()
+        self._load_model()
+        self._check_run()
+        self.transport.open_averaging(run=self.run.name, vector_size=self.vector_size + 1,
+                                      matchmaking_time=self.run.averaging.matchmaking_time,
+                                      allreduce_timeout=self.run.averaging.allreduce_timeout)
+        self.transport.serve_state(self._serve_state)
+        self.metrics = MetricsFile(self.out / "metrics.jsonl")
+
+    def _resolve_run(self) -> tuple[RunConfig, RunRecord | None]:
+        """The run this peer trains: named, from --config, or the best fit among the swarm's runs."""
+        a = self.args
+        runs = self.members.runs() if a.initial_peers else {}
+        if self.config is not None:
+            run = self.config.model_copy(update={"name": a.run}) if a.run else self.config
+            return run, runs.get(run.name)
+        if a.run:
+            if a.run in runs:
+                return self._run_from_record(runs[a.run]), runs[a.run]
+            if a.initial_peers:
+                have = ", ".join(sorted(runs)) or "none"
+                raise SwarmError(f"the swarm has no run named {a.run!r} (runs: {have})")
+            return default_run().model_copy(update={"name": a.run}), None
+        if not runs:
+            return default_run(), None
+        options = [RunOption(name=r.name, params=r.params, bytes_needed=self._bytes_needed(r)) for r in runs.values()]
+        choice = choose_run(options, self.hw.memory_usable_bytes)
+        if choice.run is None:
+            raise SwarmError(choice.reason)
+        self.log.say(f"joining run {choice.run!r}: {choice.reason}")
+        return self._run_from_record(runs[choice.run]), runs[choice.run]
+
+    def _run_from_record(self, record: RunRecord) -> RunConfig:
+        try:
+            return RunConfig.model_validate(record.config)
+        except Exception:
+            raise SwarmError(f"run {record.name!r} in the swarm has a config this peer cannot read: pass --config") from None
+
+    def _bytes_needed(self, record: RunRecord) -> int:
+        from swarm.memory import ModelShape, estimate
+
+        try:
+            run = RunConfig.model_validate(record.config)
+            shape = ModelShape.from_config(record.model_config_json)
+            return estimate(shape, "lora", lora_r=run.lora.r, lora_targets=run.lora.target_modules, micro_batch=1,
+                            seq_len=run.train.seq_len, dtype="float32", backend=self.hw.backend).total
+        except Exception:
+            return 1 << 62  # a record we cannot size is a run we cannot pick
+
+    def _load_model(self) -> None:
+        import json
+
+        from swarm.backends import load_backend
+        from swarm.data import corpus_tokens
+        from swarm.memory import ModelShape, max_micro_batch
+        from swarm.model import base_sha256, resolve_model_dir
+
+        run = self.run
+        self.model_dir = resolve_model_dir(run.model)
+        self.base_sha256 = base_sha256(self.model_dir)
+        self.model_config_json = json.loads((self.model_dir / "config.json").read_text())
+        shape = ModelShape.from_config(self.model_config_json)
+        self.max_micro_batch = max_micro_batch(self.hw.memory_usable_bytes, shape, limit=run.train.micro_batch, method="lora",
+                                               lora_r=run.lora.r, lora_targets=run.lora.target_modules,
+                                               seq_len=run.train.seq_len, dtype="float32", backend=self.hw.backend)
+        if self.max_micro_batch < 1:
+            from swarm.memory import estimate
+            from swarm.planner import fit_reason
+
+            need = estimate(shape, "lora", lora_r=run.lora.r, lora_targets=run.lora.target_modules, micro_batch=1,
+                            seq_len=run.train.seq_len, dtype="float32", backend=self.hw.backend).total
+            raise SwarmError(f"this machine cannot train run {run.name!r} ({shape.param_count() / 1e6:.0f}M params): "
+                             f"{fit_reason(need, self.hw.memory_usable_bytes)}")
+        name = self.args.backend if self.args.backend != "auto" else ("mlx" if self.hw.backend == "mlx" else "torch")
+        self.backend = load_backend(name, run=run, model_dir=self.model_dir, threads=self.args.threads, seed=self.args.seed)
+        self.names = self.backend.adapter_names()
+        adapter = self.backend.get_adapter()
+        self.shapes = {n: tuple(adapter[n].shape) for n in self.names}
+        self.vector_size = sum(int(np.prod(s)) for s in self.shapes.values())
+        self.tokens = corpus_tokens(run.data.source, self.model_dir)
+        self.fingerprint = run.fingerprint()
+        self.tokens_per_s = self._probe_throughput()
+        self.log.say(f"run {run.name!r}: {shape.param_count() / 1e6:.1f}M-param base ({self.base_sha256[:12]}), "
+                     f"{self.vector_size} LoRA params, backend {self.backend.name}, {self.tokens_per_s:.0f} tokens/s measured")
+
+    def _probe_throughput(self) -> float:
+        """Measured LoRA-step tokens/s on this run's model, cached per (model, backend, device, dtype, shape)."""
+        from swarm.benchmark import ThroughputKey, cached_throughput, measure_throughput
+        from swarm.data import sample_batches
+
+        t = self.run.train
+        mb = min(t.micro_batch, self.max_micro_batch)
+        device = self.hw.backend + (f"-t{self.args.threads}" if self.args.threads else "")
+        key = ThroughputKey(self.base_sha256, self.backend.name, device, t.dtype, mb, t.seq_len)
+        batches = lambda: sample_batches(self.tokens, t.seq_len, mb, mb, self.args.seed, 0, 1)  # noqa: E731
+        value, _ = cached_throughput(key, lambda: measure_throughput(self.backend, batches, warmup=1, steps=2))
+        return value
+
+    def _check_run(self) -> None:
+        """A peer whose base model, adapter config or protocol differs from the swarm's refuses to join."""
+        rec = self.run_record
+        if rec is None:
+            self.run_record = RunRecord(name=self.run.name, protocol=PROTOCOL_VERSION, fingerprint=self.fingerprint,
+                                        base_sha256=self.base_sha256, model=self._model_label(),
+                                        params=int(sum(np.prod(s) for s in self._base_shapes())),
+                                        config=self.run.model_dump(mode="json"), model_config_json=self.model_config_json,
+                                        created=self.transport.now())
+            self.members.publish_run(self.run_record)
+            return
+        if rec.protocol != PROTOCOL_VERSION:
+            raise SwarmError(f"run {rec.name!r} speaks swarm protocol {rec.protocol}, this peer speaks {PROTOCOL_VERSION}: "
+                             "install the same swarm version as the other peers")
+        if rec.base_sha256 != self.base_sha256:
+            raise SwarmError(f"base model differs from the swarm's: run {rec.name!r} uses base {rec.base_sha256[:12]}, "
+                             f"this peer has {self.base_sha256[:12]} ({self.model_dir})")
+        if rec.fingerprint != self.fingerprint:
+            raise SwarmError(f"run {rec.name!r} uses different LoRA/optimizer settings (config fingerprint "
+                             f"{rec.fingerprint} vs this peer's {self.fingerprint}): use the run's config")
+
+    def _model_label(self) -> str:
+        return "builtin" if self.run.model.path is None else Path(self.run.model.path).name
+
+    def _base_shapes(self):
+        from safetensors import safe_open
+
+        for f in sorted(self.model_dir.glob("*.safetensors")):
+            with safe_open(str(f), framework="np") as st:
+                for k in st.keys():
+                    yield st.get_slice(k).get_shape()
+
+    # ------------------------------------------------------------------------------ state
+    def _serve_state(self):
+        with self._state_lock:
+            if self.state is None:
+                return None, []
+            return self.state.to_wire()
+
+    def _set_state(self, state: TrainingState) -> TrainingState:
+        self.backend.set_adapter(state.adapter)
+        self.backend.set_optimizer(state.optimizer)
+        with self._state_lock:
+            self.state = state
+        return state
+
+    def initial_state(self, stop) -> TrainingState:
+        """Resume from this peer's checkpoint, start fresh, or download the swarm's current state."""
+        local = checkpoint.load(self.out / "checkpoint", self.shapes, self.fingerprint)
+        swarm_round = self._swarm_round()
+        if swarm_round == 0 or (local is not None and local.round >= swarm_round):
+            if local is not None:
+                self.log.say(f"resuming from checkpoint (round {local.round}, adapter {local.adapter_sha256[:12]})")
+                state = local
+            else:
+                state = TrainingState(round=0, adapter=initial_adapter(self.shapes, self.args.seed),
+                                      optimizer=OptimizerState(step=0), fingerprint=self.fingerprint)
+            self.start_round = state.round + 1
+            return self._set_state(state)
+        self._set_state(local or TrainingState(round=0, adapter=self.backend.get_adapter(), optimizer=OptimizerState(step=0),
+                                               fingerprint=self.fingerprint))
+        return self.catch_up(stop, f"the swarm is at round {swarm_round}")
+
+    def _swarm_round(self) -> int:
+        return max((p.round for p in self.members.progress(self.run.name) if p.peer_id != self.me and p.state != "leaving"),
+                   default=0)
+
+    def catch_up(self, stop, why: str) -> TrainingState:
+        """Announce the round we will join at, wait for the swarm to reach it, download and verify its state."""
+        target = self._swarm_round() + 1                 # the state we need: after the round now in progress
+        self.start_round = target + 1
+        self._advertise()
+        self.log.say(f"{why}: joining at round {self.start_round}, downloading state after round {target}")
+        backoff, deadline = 0.5, time.monotonic() + max(120.0, 4 * self.run.averaging.round_timeout)
+        while not stop() and time.monotonic() < deadline:
+            if self._swarm_round() < target:
+                time.sleep(POLL)
+                continue
+            got = self.transport.download_state(timeout=10.0)
+            if got is None:
+                self.log.warn(f"no peer could serve its state yet; retrying in {backoff:.1f}s")
+            else:
+                try:
+                    state = TrainingState.from_wire(got[0], got[1], self.shapes, self.fingerprint, source="a peer")
+                except StateError as e:
+                    self.log.warn(f"rejected downloaded state: {e}")
+                else:
+                    if state.round >= target:
+                        self.start_round = state.round + 1
+                        self._advertise()
+                        self.log.say(f"downloaded state of round {state.round} (adapter {state.adapter_sha256[:12]})")
+                        return self._set_state(state)
+            time.sleep(backoff)
+            backoff = min(backoff * 2, 8.0)
+        if stop():
+            return self.state
+        raise SwarmError("could not get the swarm's state: no live peer served a verified copy in time")
+
+    # ------------------------------------------------------------------------------ advertise
+    def _advert(self) -> CapabilityAdvert:
+        return CapabilityAdvert(
+            peer_id=self.me, run=self.run.name, backend=self.hw.backend, device=self.hw.device[:200], tier=self.hw.tier,
+            memory_total_bytes=self.hw.memory_total_bytes, memory_usable_bytes=self.hw.memory_usable_bytes,
+            throughput_tokens_per_s=float(self.tokens_per_s), max_utilization=self.args.max_utilization,
+            max_micro_batch=self.max_micro_batch, start_round=self.start_round, paused=self.paused,
+            timestamp=self.transport.now())
+
+    def _advertise(self) -> None:
+        self.members.advertise(self._advert())
+
+    def start_advertising(self) -> None:
+        def loop():
+            n = 0
+            while not self.stop_advertising.wait(ADVERT_PERIOD if n else 0):
+                try:
+                    self._advertise()
+                    if n % 6 == 0:
+                        self.members.publish_run(self.run_record)
+                except Exception as e:  # the next refresh retries; the loop must not die
+                    self.log.warn(f"advert refresh failed: {e}")
+                n += 1
+
+        self._advertise()
+        self._advertiser = threading.Thread(target=loop, name="advertiser", daemon=True)
+        self._advertiser.start()
+
+    # ------------------------------------------------------------------------------ plan
+    def adverts(self) -> list[CapabilityAdvert]:
+        mine = self._advert()
+        return [a for a in self.members.adverts(self.run.name) if a.peer_id != self.me] + [mine]
+
+    def plan(self, rnd: int, stop) -> RoundPlan | None:
+        adverts = self.adverts()
+        if rnd == 1 and self.args.min_peers > 1:
+            ready = [a for a in adverts if not a.paused and a.start_round <= 1]
+            if len(ready) < self.args.min_peers:
+                if not getattr(self, "_said_waiting", False):
+                    self.log.say(f"waiting for {self.args.min_peers} peers before round 1 ({len(ready)} here)")
+                    self._said_waiting = True
+                time.sleep(POLL)
+                return None
+        mode = "uniform" if self.args.uniform else "negotiated"
+        if self.last_plan is not None and self.last_plan.round == rnd - 1 and not needs_replan(self.last_plan, adverts, rnd):
+            adverts = [a.model_copy(update={"start_round": min(a.start_round, rnd)}) for a in self.last_adverts]
+        plan = plan_round(self.run, adverts, rnd, previous_round_seconds=self.previous_round_seconds, mode=mode)
+        if plan.task_for(self.me) is None:
+            ex = plan.exclusion_for(self.me)
+            if ex is not None and ex.reason == "does_not_fit":
+                raise SwarmError(f"this machine cannot train run {self.run.name!r}: {ex.detail}")
+            time.sleep(POLL)
+            return None
+        self.last_plan, self.last_adverts = plan, adverts
+        self.round_started = time.monotonic()
+        return plan
+
+    # ------------------------------------------------------------------------------ train
+    def train(self, plan: RoundPlan, rnd: int, stop) -> TrainResult:
+        from swarm.data import peer_key, sample_batches
+
+        task = plan.task_for(self.me)
+        batches = sample_batches(self.tokens, self.run.train.seq_len, task.sequences, task.micro_batch,
+                                 self.args.seed, rnd, peer_key(self.me))
+        self.pacer = Pacer(batches, deadline=self.round_started + plan.deadline_seconds,
+                           max_utilization=self.args.max_utilization, stop=stop)
+        result = self.backend.train(self.pacer)
+        compute = result.seconds - self.pacer.slept
+        if result.tokens and compute > 0:
+            measured = result.tokens / compute
+            self.tokens_per_s = measured if not self.tokens_per_s else 0.5 * self.tokens_per_s + 0.5 * measured
+        return result
+
+    # ------------------------------------------------------------------------------ average
+    def average(self, plan: RoundPlan, train: TrainResult, rnd: int) -> RoundOutcome:
+        remaining = self.round_started + plan.deadline_seconds - time.monotonic()
+        timeout = max(remaining, 0.0) + 2 * self.run.averaging.matchmaking_time + 5.0
+        return average_round(self.transport, train, names=self.names, shapes=self.shapes, round_=rnd,
+                             plan_id=plan.plan_id, group_size=len(plan.tasks), clip_norm=self.run.train.max_grad_norm,
+                             timeout=timeout, run=self.run.name)
+
+    # ------------------------------------------------------------------------------ commit
+    def commit(self, outcome: RoundOutcome, rnd: int) -> TrainingState:
+        self.backend.apply_update(outcome.mean_grads)
+        state = TrainingState(round=rnd, adapter=self.backend.get_adapter(), optimizer=self.backend.get_optimizer(),
+                              fingerprint=self.fingerprint)
+        with self._state_lock:
+            self.state = state
+        save_peft_adapter(self.out / "adapter", state.adapter, self.run, self.model_dir)
+        return state
+
+    def publish(self, state: TrainingState, plan: RoundPlan, train: TrainResult, outcome: RoundOutcome) -> None:
+        seconds = time.monotonic() - self.round_started
+        self.previous_round_seconds = seconds
+        task = plan.task_for(self.me)
+        loss = train.loss_sum / train.tokens if train.tokens else None
+        tps = train.tokens / seconds if seconds > 0 else 0.0
+        digest = state.adapter_sha256
+        self.metrics.write({
+            "round": state.round, "peer": self.me, "loss": loss, "group_loss": outcome.group_loss, "tokens": train.tokens,
+            "group_tokens": outcome.group_tokens, "group_size": outcome.group_size, "seconds": round(seconds, 4),
+            "train_seconds": round(train.seconds, 4), "wait_seconds": round(outcome.reduce_seconds, 4),
+            "tokens_per_s": round(tps, 2), "backend": self.backend.name, "adapter_sha256": digest,
+            "plan_id": plan.plan_id, "plan_round": plan.round, "plan_mode": plan.mode, "quota_tokens": task.quota_tokens,
+            "micro_batch": task.micro_batch, "accumulation_steps": task.accumulation_steps,
+            "deadline_seconds": round(plan.deadline_seconds, 3), "cut_short": self.pacer.cut_short, "time": time.time(),
+        })
+        self.members.report(self.run.name, ProgressRecord(
+            peer_id=self.me, round=state.round, adapter_sha256=digest, loss=loss, tokens_per_s=tps,
+            quota_tokens=task.quota_tokens, micro_batch=task.micro_batch, plan_id=plan.plan_id,
+            timestamp=self.transport.now()))
+        self.log.say(f"loss {loss if loss is not None else float('nan'):.4f} | {train.tokens} tok, {tps:.0f} tok/s | "
+                     f"group {outcome.group_size} ({outcome.group_tokens} tok) | wait {outcome.reduce_seconds:.2f}s | "
+                     f"adapter {digest[:12]}", state.round)
+
+    # ------------------------------------------------------------------------------ roll back
+    def roll_back(self, outcome: RoundOutcome, rnd: int, stop) -> TrainingState:
+        """The round failed here: nothing was applied. Retry it, or catch up if the swarm went on without us."""
+        self.log.warn(f"round not applied: {outcome.reason}", rnd)
+        until = time.monotonic() + 2 * self.run.averaging.matchmaking_time
+        while time.monotonic() < until and not stop():
+            if self._swarm_round() >= rnd:
+                return self.catch_up(stop, "the swarm completed this round without us")
+            time.sleep(POLL)
+        return self.state
+
+    # ------------------------------------------------------------------------------ leave
+    def leave(self, state: TrainingState) -> None:
+        self.paused = True
+        try:
+            self._advertise()
+            self.members.report(self.run.name, ProgressRecord(
+                peer_id=self.me, round=state.round, adapter_sha256=state.adapter_sha256, state="leaving",
+                timestamp=self.transport.now()))
+        except Exception:
+            pass
+        self.log.say(f"left after round {state.round} (adapter {state.adapter_sha256[:12]}); output in {self.out}")
+
+    def close(self) -> None:
+        self.stop_advertising.set()
+        if self.transport is not None:
+            self.transport.shutdown()
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_UN)
+            self._lock_file.close()
+        except Exception:
+            pass

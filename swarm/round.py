@@ -1,0 +1,97 @@
+"""One round: train this peer's quota, average with the group, and say exactly what happened.
+
+Nothing here changes the adapter: `average_round` returns the averaged gradient (or why there is
+none) and the caller commits it with the optimizer or rolls back (= applies nothing).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from swarm.averaging import AveragingError, decode, encode, flatten, unflatten
+from swarm.backends.base import Backend, TrainResult
+from swarm.transport.base import Transport, TransportError
+
+
+class Pacer:
+    """Hands out micro-batches, idling so compute is at most `max_utilization` of wall time; stops at `deadline`.
+
+    The time between two hand-outs is the backend's compute on the previous micro-batch; after it we
+    sleep compute x (1 - F) / F. Past the deadline (or when `stop()` says so) no more batches are
+    handed out: the peer contributes what it trained, and averaging weighs it by those tokens.
+    """
+
+    def __init__(self, batches: Iterable[np.ndarray], *, deadline: float, max_utilization: float = 1.0,
+                 stop=lambda: False, clock=time.monotonic, sleep=time.sleep) -> None:
+        self.batches, self.deadline, self.util = batches, deadline, max_utilization
+        self.stop, self.clock, self.sleep = stop, clock, sleep
+        self.slept = 0.0
+        self.cut_short = False
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        handed_out = None
+        for batch in self.batches:
+            now = self.clock()
+            if handed_out is not None and self.util < 1.0:
+                pause = (now - handed_out) * (1.0 - self.util) / self.util
+                self.sleep(pause)
+                self.slept += pause
+                now = self.clock()
+            if now >= self.deadline or self.stop():
+                self.cut_short = True
+                return
+            handed_out = now
+            yield batch
+
+
+@dataclass
+class RoundOutcome:
+    ok: bool
+    reason: str = ""                          # why the round failed (ok=False)
+    mean_grads: dict[str, np.ndarray] | None = None
+    group_tokens: int = 0
+    group_size: int = 0
+    group_loss: float | None = None           # token-weighted mean loss of the group
+    members: list[str] = field(default_factory=list)
+    reduce_seconds: float = 0.0
+
+
+def average_round(transport: Transport, train: TrainResult, *, names: list[str], shapes: dict[str, tuple[int, ...]],
+                  round_: int, plan_id: str, group_size: int, clip_norm: float, timeout: float,
+                  run: str) -> RoundOutcome:
+    """All-reduce this peer's clipped, token-weighted gradient with the group; validate everything."""
+    vector = encode(flatten(train.grads, names) if train.tokens else np.zeros(sum(int(np.prod(shapes[n])) for n in names)),
+                    train.tokens, clip_norm)
+    gather = {"peer": transport.peer_id, "round": round_, "tokens": train.tokens, "loss_sum": float(train.loss_sum),
+              "plan": plan_id}
+    if group_size <= 1:
+        result_vec, gathered, seconds = vector, {transport.peer_id: gather}, 0.0
+    else:
+        try:
+            res = transport.all_reduce(vector, group_key=f"{run}.r{round_}", group_size=group_size, gather=gather,
+                                       timeout=timeout)
+        except TransportError as e:
+            return RoundOutcome(ok=False, reason=str(e))
+        result_vec, gathered, seconds = res.vector, res.gathered, res.seconds
+    members, tokens, loss = [], 0, 0.0
+    for g in gathered.values():
+        if not isinstance(g, dict) or g.get("round") != round_ or not isinstance(g.get("tokens"), int) \
+                or not isinstance(g.get("loss_sum"), float) or not math.isfinite(g["loss_sum"]):
+            return RoundOutcome(ok=False, reason=f"a group member sent bad round metadata: {str(g)[:120]}")
+        members.append(str(g.get("peer")))
+        tokens += g["tokens"]
+        loss += g["loss_sum"]
+    try:
+        avg = decode(result_vec, len(gathered), clip_norm)
+    except AveragingError as e:
+        return RoundOutcome(ok=False, reason=str(e))
+    if avg.tokens != tokens:
+        return RoundOutcome(ok=False, reason=f"group says it trained {tokens} tokens but averaged {avg.tokens}")
+    return RoundOutcome(ok=True, mean_grads=unflatten(avg.mean_grad, names, shapes), group_tokens=tokens,
+                        group_size=len(gathered), group_loss=loss / tokens, members=sorted(members),
+                        reduce_seconds=seconds)

@@ -1,0 +1,252 @@
+"""python -m swarm.testbed: a local swarm of N real peer processes on 127.0.0.1, with a live table.
+
+The first peer starts the swarm; the others join it through the multiaddr it prints. Per-peer
+`--memory-limit` and `--max-utilization` lists make a heterogeneous swarm on one machine.
+Writes DIR/summary.json; exits 0 only if every peer succeeded and all final adapters are identical.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from swarm import SwarmError
+from swarm.metrics import read_metrics
+
+START_TIMEOUT = 120.0
+
+
+def _per_peer(text: str | None, n: int, what: str, cast=float) -> list:
+    if text is None:
+        return [None] * n
+    try:
+        values = [cast(v) for v in text.split(",")]
+    except ValueError:
+        raise SwarmError(f"{what}: expected comma-separated numbers, got {text!r}") from None
+    if len(values) == 1:
+        values *= n
+    if len(values) != n:
+        raise SwarmError(f"{what}: {len(values)} values for {n} peers")
+    return values
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m swarm.testbed", description=__doc__.splitlines()[0])
+    p.add_argument("--peers", type=int, default=3, help="number of peer processes (default 3)")
+    p.add_argument("--max-rounds", type=int, default=20, help="rounds to train (default 20)")
+    p.add_argument("--output", default=os.path.join("swarm-output", "testbed"), help="where peers write (DIR/peerK) and summary.json")
+    p.add_argument("--config", default=None, help="run config YAML (default: the embedded default run)")
+    p.add_argument("--memory-limit", default=None, metavar="GB[,GB...]", help="per-peer memory caps (one value, or one per peer)")
+    p.add_argument("--max-utilization", default=None, metavar="F[,F...]", help="per-peer compute fractions (one value, or one per peer)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads per peer (default: cores / peers, at least 1)")
+    p.add_argument("--backend", default=None, metavar="B[,B...]", help="per-peer backend: torch or mlx (default: auto)")
+    p.add_argument("--uniform", action="store_true", help="equal task sizes for every peer (baseline for benchmarks)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--timeout", type=float, default=None, help="stop everything after this many seconds (default: generous)")
+    args = p.parse_args(argv)
+    if args.peers < 1:
+        p.error("--peers must be at least 1")
+    if args.max_rounds < 1:
+        p.error("--max-rounds must be at least 1")
+    return args
+
+
+class Testbed:
+    def __init__(self, args) -> None:
+        self.args = args
+        self.out = Path(args.output).resolve()
+        self.limits = _per_peer(args.memory_limit, args.peers, "--memory-limit")
+        self.utils = _per_peer(args.max_utilization, args.peers, "--max-utilization")
+        self.backends = _per_peer(args.backend, args.peers, "--backend", cast=str)
+        for u in self.utils:
+            if u is not None and not 0 < u <= 1:
+                raise SwarmError(f"--max-utilization: {u} is not in (0, 1]")
+        self.threads = args.threads or max(1, (os.cpu_count() or 1) // args.peers)
+        self.procs: list[subprocess.Popen] = []
+        self.logs: list[Path] = []
+
+    def command(self, k: int, initial_peers: list[str] | None) -> list[str]:
+        a = self.args
+        cmd = [sys.executable, "-m", "swarm.join", "--host", "127.0.0.1", "--output", str(self.out / f"peer{k}"),
+               "--max-rounds", str(a.max_rounds), "--min-peers", str(a.peers), "--threads", str(self.threads),
+               "--seed", str(a.seed)]
+        if a.config:
+            cmd += ["--config", a.config]
+        if initial_peers:
+            cmd += ["--initial-peers", *initial_peers]
+        if self.limits[k] is not None:
+            cmd += ["--memory-limit", str(self.limits[k])]
+        if self.utils[k] is not None:
+            cmd += ["--max-utilization", str(self.utils[k])]
+        if self.backends[k] is not None:
+            cmd += ["--backend", self.backends[k]]
+        if a.uniform:
+            cmd += ["--uniform"]
+        return cmd
+
+    def spawn(self, k: int, initial_peers: list[str] | None) -> None:
+        d = self.out / f"peer{k}"
+        d.mkdir(parents=True, exist_ok=True)
+        for stale in ("metrics.jsonl",):
+            (d / stale).unlink(missing_ok=True)
+        log = d / "log.txt"
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        root = str(Path(__file__).resolve().parent.parent)
+        env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+        with open(log, "w") as f:
+            self.procs.append(subprocess.Popen(self.command(k, initial_peers), stdout=f, stderr=subprocess.STDOUT,
+                                               env=env, start_new_session=True))
+        self.logs.append(log)
+
+    def first_peer_addrs(self) -> list[str]:
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            for line in self.logs[0].read_text(errors="replace").splitlines():
+                if line.startswith("initial peers:"):
+                    return line.split(":", 1)[1].split()
+            if self.procs[0].poll() is not None:
+                tail = self.logs[0].read_text(errors="replace").strip().splitlines()[-1:] or ["(no output)"]
+                raise SwarmError(f"the first peer exited with code {self.procs[0].returncode}: {tail[0]}")
+            time.sleep(0.2)
+        raise SwarmError(f"the first peer did not print its address within {START_TIMEOUT:.0f}s (see {self.logs[0]})")
+
+    def stop_all(self, grace: float = 15.0) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        end = time.monotonic() + grace
+        for p in self.procs:
+            try:
+                p.wait(timeout=max(0.1, end - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+
+    # ----------------------------------------------------------------------------- display
+    def rows(self) -> list[dict]:
+        rows = []
+        for k, p in enumerate(self.procs):
+            m = read_metrics(self.out / f"peer{k}" / "metrics.jsonl")
+            last = m[-1] if m else {}
+            code = p.poll()
+            rows.append({"peer": f"peer{k}", "id": last.get("peer", ""), "round": last.get("round", 0), "loss": last.get("loss"),
+                         "tokens_per_s": last.get("tokens_per_s"), "tokens": last.get("tokens"),
+                         "group": last.get("group_size"), "status": "running" if code is None else f"exit {code}",
+                         "adapter": (last.get("adapter_sha256") or "")[:10]})
+        return rows
+
+    def table(self):
+        from rich.table import Table
+
+        t = Table(title=f"swarm testbed: {len(self.procs)} peers on 127.0.0.1 -> {self.out}")
+        for col in ("peer", "round", "loss", "tokens/s", "tokens this round", "group", "adapter", "status"):
+            t.add_column(col, justify="right" if col not in ("peer", "adapter", "status") else "left")
+        for r in self.rows():
+            t.add_row(r["peer"], str(r["round"]), f"{r['loss']:.4f}" if r["loss"] is not None else "-",
+                      f"{r['tokens_per_s']:.0f}" if r["tokens_per_s"] else "-", str(r["tokens"] or "-"),
+                      str(r["group"] or "-"), r["adapter"] or "-", r["status"])
+        return t
+
+    def watch(self, deadline: float) -> None:
+        from rich.console import Console
+        from rich.live import Live
+
+        console = Console()
+        if console.is_terminal:
+            with Live(self.table(), console=console, refresh_per_second=2) as live:
+                while self._running(deadline):
+                    time.sleep(0.5)
+                    live.update(self.table())
+                live.update(self.table())
+            return
+        seen = [0] * len(self.procs)  # not a terminal: one plain line per completed round
+        while True:
+            running = self._running(deadline)
+            for k in range(len(self.procs)):
+                for m in read_metrics(self.out / f"peer{k}" / "metrics.jsonl")[seen[k]:]:
+                    print(f"peer{k} round {m['round']}: loss {m['loss']:.4f}, {m['tokens']} tokens, "
+                          f"{m['tokens_per_s']:.0f} tok/s, group {m['group_size']}, adapter {m['adapter_sha256'][:10]}", flush=True)
+                    seen[k] += 1
+            if not running:
+                break
+            time.sleep(0.5)
+        console.print(self.table())
+
+    def _running(self, deadline: float) -> bool:
+        if time.monotonic() > deadline:
+            print(f"testbed: timeout after {self.args.timeout or self.default_timeout():.0f}s, stopping peers", flush=True)
+            self.stop_all()
+            return False
+        return any(p.poll() is None for p in self.procs)
+
+    def default_timeout(self) -> float:
+        return 180.0 + 60.0 * self.args.max_rounds
+
+    # ----------------------------------------------------------------------------- summary
+    def summary(self) -> dict:
+        from swarm.adapters import adapter_sha256, load_peft_adapter
+
+        peers = []
+        for k, p in enumerate(self.procs):
+            d = self.out / f"peer{k}"
+            m = read_metrics(d / "metrics.jsonl")
+            try:
+                digest = adapter_sha256(load_peft_adapter(d / "adapter"))
+            except Exception:
+                digest = None
+            peers.append({"peer": f"peer{k}", "peer_id": m[-1]["peer"] if m else None, "exit_code": p.returncode,
+                          "rounds_completed": len(m), "last_round": m[-1]["round"] if m else 0,
+                          "first_loss": m[0]["loss"] if m else None, "last_loss": m[-1]["loss"] if m else None,
+                          "adapter_sha256": digest, "output": str(d)})
+        hashes = {p["adapter_sha256"] for p in peers}
+        ok = all(p["exit_code"] == 0 for p in peers) and len(hashes) == 1 and None not in hashes
+        return {"ok": ok, "all_adapters_identical": len(hashes) == 1 and None not in hashes, "peers": peers,
+                "max_rounds": self.args.max_rounds}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        bed = Testbed(args)
+    except SwarmError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    bed.out.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + (args.timeout or bed.default_timeout())
+    print(f"testbed: starting {args.peers} peers on 127.0.0.1 ({bed.threads} thread(s) each), logs in {bed.out}/peer*/log.txt",
+          flush=True)
+    try:
+        bed.spawn(0, None)
+        addrs = bed.first_peer_addrs()
+        print(f"testbed: first peer is up at {addrs[0]}", flush=True)
+        for k in range(1, args.peers):
+            bed.spawn(k, addrs)
+        bed.watch(deadline)
+    except SwarmError as e:
+        print(f"error: {e}", file=sys.stderr)
+        bed.stop_all()
+        return 2
+    except KeyboardInterrupt:
+        print("testbed: interrupted, stopping peers", flush=True)
+        bed.stop_all()
+    finally:
+        bed.stop_all()
+    summary = bed.summary()
+    (bed.out / "summary.json").write_text(json.dumps(summary, indent=2))
+    for p in summary["peers"]:
+        if p["exit_code"] != 0:
+            tail = (bed.out / p["peer"] / "log.txt").read_text(errors="replace").strip().splitlines()[-3:]
+            print(f"{p['peer']} exited with {p['exit_code']}: " + " | ".join(tail), file=sys.stderr)
+    verdict = "all adapters identical" if summary["all_adapters_identical"] else "ADAPTERS DIFFER"
+    print(f"testbed: {'OK' if summary['ok'] else 'FAILED'}: {verdict}; summary in {bed.out / 'summary.json'}", flush=True)
+    return 0 if summary["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

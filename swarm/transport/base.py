@@ -1,0 +1,60 @@
+"""The transport interface: membership records, averaging, and state download.
+
+Implementations: `hivemind_dht.HivemindTransport` (libp2p via hivemind). A libp2p-free TCP
+transport and an in-memory one for unit tests can sit beside it: the training loop sees only this.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol
+
+import numpy as np
+
+
+class TransportError(Exception):
+    """A network operation failed (no group, timeout, peer gone): the round can be retried or rolled back."""
+
+
+@dataclass
+class Record:
+    owner: str          # peer id of the signer (derived from its public key): nobody else can write it
+    value: Any          # msgpack-decoded value, still untrusted: validate before use
+    expiration: float   # absolute DHT time
+
+
+@dataclass
+class ReduceResult:
+    vector: np.ndarray                   # the averaged vector (float64)
+    gathered: dict[str, Any]             # what every group member passed as `gather`, by transport peer id
+    seconds: float                       # wall time of matchmaking + all-reduce
+
+
+StateProvider = Callable[[], tuple[dict, list[np.ndarray]]]
+
+
+class Transport(Protocol):
+    peer_id: str  # this peer's id in records: a hash of its signing key
+
+    def visible_maddrs(self) -> list[str]: ...
+
+    def now(self) -> float:
+        """Swarm time (the DHT's clock), for record expirations."""
+
+    def put(self, key: str, value: Any, ttl: float) -> bool:
+        """Store this peer's signed value under `key` (one value per peer per key)."""
+
+    def get(self, key: str) -> list[Record]:
+        """All live, signature-checked values under `key`, one per owner."""
+
+    def all_reduce(self, vector: np.ndarray, *, group_key: str, group_size: int, gather: Any,
+                   timeout: float) -> ReduceResult:
+        """Average `vector` (equal weights) with the peers calling it with the same group_key."""
+
+    def serve_state(self, provider: StateProvider) -> None:
+        """Let joining peers download (metadata, tensors) from this peer."""
+
+    def download_state(self, timeout: float) -> tuple[dict, list[np.ndarray]] | None:
+        """The state of some live peer, or None when no peer could serve it."""
+
+    def shutdown(self) -> None: ...
