@@ -48,7 +48,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--memory-limit must be a positive number of GB")
     if not 0 <= args.port <= 65535:
         p.error("--port must be in 0..65535")
+    for addr in args.initial_peers or ():
+        why = check_multiaddr(addr)
+        if why:
+            p.error(f"--initial-peers {addr!r} is not a peer address ({why}): pass what the first peer printed, "
+                    "like /ip4/192.168.1.5/tcp/31337/p2p/12D3KooW...")
     return args
+
+
+def check_multiaddr(addr: str) -> str | None:
+    """Why `addr` is not a dialable peer multiaddr, or None if it is."""
+    from multiaddr import Multiaddr
+
+    try:
+        protos = [p.name for p in Multiaddr(addr).protocols()]
+    except Exception as e:
+        return str(e).splitlines()[0] if str(e) else "unparsable"
+    if "p2p" not in protos:
+        return "no /p2p/<peer id> part"
+    if not {"tcp", "udp"} & set(protos):
+        return "no /tcp/<port> part"
+    return None
 
 
 class StopFlag:

@@ -11,6 +11,7 @@ import fcntl
 import os
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +52,7 @@ class Peer:
         self.previous_round_seconds: float | None = None
         self.last_plan: RoundPlan | None = None
         self.last_adverts: list[CapabilityAdvert] = []
+        self.history: dict[int, str] = {}  # recent rounds -> this peer's adapter hash
         return self
 
     def _lock_output(self) -> None:
@@ -306,7 +308,27 @@ class Peer:
         mine = self._advert()
         return [a for a in self.members.adverts(self.run.name) if a.peer_id != self.me] + [mine]
 
+    def disagreement(self) -> int | None:
+        """The latest recent round where this peer's adapter is not the swarm's (majority; ties: smallest hash)."""
+        votes: dict[int, Counter] = {}
+        for p in self.members.progress(self.run.name):
+            if p.peer_id != self.me and p.state != "leaving":
+                for r, h in p.history.items():
+                    votes.setdefault(int(r), Counter())[h] += 1
+        for r in sorted(self.history, reverse=True):
+            if r in votes:
+                c = votes[r] + Counter({self.history[r]: 1})
+                winner = sorted(c.items(), key=lambda kv: (-kv[1], kv[0]))[0][0]
+                if winner != self.history[r]:
+                    return r
+        return None
+
     def plan(self, rnd: int, stop) -> RoundPlan | None:
+        bad = self.disagreement() if self.history else None
+        if bad is not None:
+            self.history.clear()
+            self.catch_up(stop, f"this peer's adapter after round {bad} differs from the swarm's")
+            return None
         adverts = self.adverts()
         if rnd == 1 and self.args.min_peers > 1:
             ready = [a for a in adverts if not a.paused and a.start_round <= 1]
@@ -371,6 +393,9 @@ class Peer:
         loss = train.loss_sum / train.tokens if train.tokens else None
         tps = train.tokens / seconds if seconds > 0 else 0.0
         digest = state.adapter_sha256
+        self.history[state.round] = digest
+        for old in sorted(self.history)[:-8]:
+            del self.history[old]
         self.metrics.write({
             "round": state.round, "peer": self.me, "loss": loss, "group_loss": outcome.group_loss, "tokens": train.tokens,
             "group_tokens": outcome.group_tokens, "group_size": outcome.group_size, "seconds": round(seconds, 4),
@@ -383,7 +408,7 @@ class Peer:
         self.members.report(self.run.name, ProgressRecord(
             peer_id=self.me, round=state.round, adapter_sha256=digest, loss=loss, tokens_per_s=tps,
             quota_tokens=task.quota_tokens, micro_batch=task.micro_batch, plan_id=plan.plan_id,
-            timestamp=self.transport.now()))
+            history={str(r): h for r, h in self.history.items()}, timestamp=self.transport.now()))
         self.log.say(f"loss {loss if loss is not None else float('nan'):.4f} | {train.tokens} tok, {tps:.0f} tok/s | "
                      f"group {outcome.group_size} ({outcome.group_tokens} tok) | wait {outcome.reduce_seconds:.2f}s | "
                      f"adapter {digest[:12]}", state.round)

@@ -114,7 +114,15 @@ class ProgressRecord(_Wire):
     micro_batch: int = Field(0, ge=0, le=1 << 20)
     plan_id: str = Field("", max_length=64)
     state: Literal["training", "paused", "leaving"] = "training"
+    history: dict[str, str] = Field(default_factory=dict, description="recent rounds -> adapter sha256 (agreement checks)")
     timestamp: float = Field(ge=0.0)
+
+    @field_validator("history")
+    @classmethod
+    def _short_history(cls, v: dict[str, str]) -> dict[str, str]:
+        if len(v) > 16 or any(not k.isdigit() or len(k) > 12 or len(h) > 64 for k, h in v.items()):
+            raise ValueError("history must map at most 16 round numbers to hashes")
+        return v
 
     @field_validator("loss", "tokens_per_s", "timestamp")
     @classmethod

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import threading
 import time
 from pathlib import Path
@@ -94,7 +95,7 @@ class HivemindTransport:
     """DHT membership starts at construction; averaging opens once the run (and so the vector size) is known."""
 
     def __init__(self, *, host: str = "0.0.0.0", port: int = 0, initial_peers: list[str] | None = None,
-                 identity: Path | None = None) -> None:
+                 identity: Path | None = None, client_mode: bool = False) -> None:
         _quiet_hivemind()
         self._key = load_identity(identity)
         self._signer = RSASignatureValidator(self._key)
@@ -108,11 +109,12 @@ class HivemindTransport:
             self.dht = hivemind.DHT(
                 initial_peers=initial_peers or None, start=True, record_validators=[self._signer],
                 host_maddrs=[f"/{ip}/{host}/tcp/{port}"], nat_port_map=not loopback,
-                use_relay=not loopback, auto_nat=not loopback, startup_timeout=30,
+                use_relay=not loopback, auto_nat=not loopback, startup_timeout=30, client_mode=client_mode,
             )
         except Exception as e:  # p2pd's errors are long; the first line says what went wrong
             text = str(e).strip()
             msg = text.splitlines()[0] if text else type(e).__name__
+            msg = re.sub(r"^Daemon failed to start: (\d{4}/\d\d/\d\d \d\d:\d\d:\d\d )?", "", msg)
             if "address already in use" in text.lower():
                 raise SwarmError(f"port {port} on {host} is already in use: pick another --port or leave it out") from None
             if initial_peers:

@@ -1,0 +1,100 @@
+"""Shared fixtures: one model/corpus cache per session, and real peer processes cleaned up by PID."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session", autouse=True)
+def swarm_cache(tmp_path_factory):
+    """Generated models, tokenized corpora and throughput figures live in one per-session cache."""
+    path = tmp_path_factory.mktemp("swarm-cache")
+    old = os.environ.get("SWARM_CACHE")
+    os.environ["SWARM_CACHE"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("SWARM_CACHE", None)
+    else:
+        os.environ["SWARM_CACHE"] = old
+
+
+def _env() -> dict:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def run_cli(module: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run `python -m module args` to completion (bounded), capturing output."""
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=timeout,
+                          env=_env(), cwd=ROOT)
+
+
+class Peers:
+    """Peer processes started by a test; every one is killed (by process group) at teardown."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def start(self, name: str, *args: str, initial_peers: list[str] | None = None) -> subprocess.Popen:
+        out = self.base / name
+        out.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "swarm.join", "--host", "127.0.0.1", "--output", str(out), "--threads", "1", *args]
+        if initial_peers:
+            cmd += ["--initial-peers", *initial_peers]
+        log = open(out / "log.txt", "w")
+        p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env(), cwd=ROOT, start_new_session=True)
+        self.procs[name] = p
+        return p
+
+    def log(self, name: str) -> str:
+        return (self.base / name / "log.txt").read_text(errors="replace")
+
+    def addrs(self, name: str, timeout: float = 90) -> list[str]:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            for line in self.log(name).splitlines():
+                if line.startswith("initial peers:"):
+                    return line.split(":", 1)[1].split()
+            if self.procs[name].poll() is not None:
+                raise AssertionError(f"{name} exited early:\n{self.log(name)}")
+            time.sleep(0.2)
+        raise AssertionError(f"{name} printed no address in {timeout}s:\n{self.log(name)}")
+
+    def wait(self, name: str, timeout: float) -> int:
+        try:
+            return self.procs[name].wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"{name} did not finish in {timeout}s:\n{self.log(name)[-3000:]}") from None
+
+    def kill_all(self) -> None:
+        for p in self.procs.values():
+            if p.poll() is None:
+                try:
+                    os.killpg(p.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                p.wait()
+
+
+@pytest.fixture
+def peers(tmp_path):
+    group = Peers(tmp_path)
+    yield group
+    group.kill_all()
+
+
+def metrics(path: Path) -> list[dict]:
+    from swarm.metrics import read_metrics
+
+    return read_metrics(path)
