@@ -200,10 +200,11 @@ def _peak_child(spec: dict) -> dict:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
-    if spec.get("mmap_threshold"):
-        import ctypes
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, int(spec["mmap_threshold"]))  # M_MMAP_THRESHOLD
+    allocator = "allocator left as is"
+    if spec.get("tune_allocator"):
+        from swarm.hardware import tune_allocator
+
+        allocator = tune_allocator()
     torch.set_num_threads(int(spec.get("threads") or torch.get_num_threads()))
     torch.manual_seed(0)
     # warm the kernels on a toy tensor so "runtime" includes what torch maps on first use
@@ -236,21 +237,22 @@ def _peak_child(spec: dict) -> dict:
     return {
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "hwm_bytes": st["VmHWM"], "runtime_rss_bytes": runtime, "built_rss_bytes": built,
-        "params": sum(p.numel() for p in model.parameters()), "seconds": seconds,
+        "params": sum(p.numel() for p in model.parameters()), "seconds": seconds, "allocator": allocator,
     }
 
 
 def measure_step_peak(config: dict, micro_batch: int, seq_len: int, lora_r: int = 8,
                       targets: Sequence[str] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
-                      steps: int = 2, threads: int | None = None, timeout: float = 600, mmap_threshold: int | None = None) -> dict:
+                      steps: int = 2, threads: int | None = None, timeout: float = 600, tune_allocator: bool = True) -> dict:
     """Peak resident memory of `steps` real LoRA training steps, measured in a fresh subprocess.
 
     `config` holds LlamaConfig keys (vocab_size, hidden_size, ...). Linux only (reads /proc).
+    `tune_allocator`: call `swarm.hardware.tune_allocator()` first, as swarm's CPU training does.
     Returns the child's report: peak_rss_bytes (ru_maxrss: the whole process), runtime_rss_bytes
     (after importing torch, transformers and peft), built_rss_bytes, params, seconds.
     """
     spec = {"config": dict(config), "micro_batch": micro_batch, "seq_len": seq_len, "lora_r": lora_r,
-            "targets": list(targets), "steps": steps, "threads": threads, "mmap_threshold": mmap_threshold}
+            "targets": list(targets), "steps": steps, "threads": threads, "tune_allocator": tune_allocator}
     root = str(Path(__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
     proc = subprocess.run([sys.executable, "-m", "swarm.benchmark", "--peak-child", json.dumps(spec)],

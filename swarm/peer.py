@@ -82,7 +82,9 @@ class Peer:
         self.run, self.run_record = self._resolve_run()
         self._load_model()
         self._check_run()
-        self.transport.open_averaging(run=self.run.name, vector_size=self.vector_size + 1,
+        from swarm.averaging import vector_size
+
+        self.transport.open_averaging(run=self.run.name, vector_size=vector_size(self.vector_size),
                                       matchmaking_time=self.run.averaging.matchmaking_time,
                                       allreduce_timeout=self.run.averaging.allreduce_timeout)
         self.transport.serve_state(self._serve_state)

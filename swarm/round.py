@@ -13,7 +13,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from swarm.averaging import AveragingError, decode, encode, flatten, unflatten
+from swarm.averaging import AveragingError, decode, encode, flatten, new_salt, unflatten
 from swarm.backends.base import Backend, TrainResult
 from swarm.transport.base import Transport, TransportError
 
@@ -65,10 +65,14 @@ def average_round(transport: Transport, train: TrainResult, *, names: list[str],
                   round_: int, plan_id: str, group_size: int, clip_norm: float, timeout: float,
                   run: str) -> RoundOutcome:
     """All-reduce this peer's clipped, token-weighted gradient with the group; validate everything."""
-    vector = encode(flatten(train.grads, names) if train.tokens else np.zeros(sum(int(np.prod(shapes[n])) for n in names)),
-                    train.tokens, clip_norm)
+    values = sum(int(np.prod(shapes[n])) for n in names)
+    salt = new_salt()
+    try:
+        vector = encode(flatten(train.grads, names) if train.tokens else np.zeros(values), train.tokens, clip_norm, salt)
+    except AveragingError as e:
+        return RoundOutcome(ok=False, reason=f"not contributing: {e}")
     gather = {"peer": transport.peer_id, "round": round_, "tokens": train.tokens, "loss_sum": float(train.loss_sum),
-              "plan": plan_id}
+              "plan": plan_id, "salt": salt}
     if group_size <= 1:
         result_vec, gathered, seconds = vector, {transport.peer_id: gather}, 0.0
     else:
@@ -78,16 +82,18 @@ def average_round(transport: Transport, train: TrainResult, *, names: list[str],
         except TransportError as e:
             return RoundOutcome(ok=False, reason=str(e))
         result_vec, gathered, seconds = res.vector, res.gathered, res.seconds
-    members, tokens, loss = [], 0, 0.0
+    members, tokens, loss, salts = [], 0, 0.0, 0
     for g in gathered.values():
         if not isinstance(g, dict) or g.get("round") != round_ or not isinstance(g.get("tokens"), int) \
-                or not isinstance(g.get("loss_sum"), float) or not math.isfinite(g["loss_sum"]):
+                or not isinstance(g.get("loss_sum"), float) or not math.isfinite(g["loss_sum"]) \
+                or not isinstance(g.get("salt"), int) or not 0 < g["salt"] < 1 << 40:
             return RoundOutcome(ok=False, reason=f"a group member sent bad round metadata: {str(g)[:120]}")
         members.append(str(g.get("peer")))
         tokens += g["tokens"]
         loss += g["loss_sum"]
+        salts += g["salt"]
     try:
-        avg = decode(result_vec, len(gathered), clip_norm)
+        avg = decode(result_vec, len(gathered), clip_norm, values=values, salt_sum=salts)
     except AveragingError as e:
         return RoundOutcome(ok=False, reason=str(e))
     if avg.tokens != tokens:

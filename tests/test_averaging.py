@@ -49,6 +49,27 @@ def test_out_of_bounds_contribution_is_rejected():
         decode((honest + forged) / 2, 2, 1.0)
 
 
+def test_a_chunk_that_was_not_averaged_is_detected():
+    """hivemind keeps a dead reducer's chunk local (zero delta) and reports success: the check lanes catch it."""
+    from swarm.averaging import CHECK_EVERY
+
+    rng = np.random.default_rng(1)
+    salts = [11, 222, 3333]
+    vs = [encode(rng.normal(size=5000) * 1e-3, 1000, 1.0, salt) for salt in salts]
+    outs = _delta_style(vs)
+    ok = decode(outs[0], 3, 1.0, values=5000, salt_sum=sum(salts))
+    assert ok.mean_grad.shape == (5000,)
+    chunk = slice(2 * (CHECK_EVERY + 1), 4 * (CHECK_EVERY + 1) + 7)   # a reducer's span, kept local
+    broken = outs[0].copy()
+    broken[chunk] = vs[0][chunk]
+    with pytest.raises(AveragingError, match="not averaged by the whole group"):
+        decode(broken, 3, 1.0, values=5000, salt_sum=sum(salts))
+    without = outs[0].copy()  # a chunk averaged without one member
+    without[chunk] = ((vs[0] + vs[1]) / 2)[chunk]
+    with pytest.raises(AveragingError):
+        decode(without, 3, 1.0, values=5000, salt_sum=sum(salts))
+
+
 def test_nan_and_token_bounds():
     with pytest.raises(AveragingError):
         decode(np.array([np.nan, 1.0]), 1, 1.0)
