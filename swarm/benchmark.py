@@ -241,6 +241,19 @@ def _peak_child(spec: dict) -> dict:
     }
 
 
+#: The Llama-style models the CPU memory model is checked against (swarm.memory.OVERHEAD["cpu"],
+#: tests/test_memory_measured.py, scripts/memory_table.py): name -> (LlamaConfig keys, micro-batch,
+#: seq len). Micro-batch and sequence length vary so that the activation term is tested too.
+CALIBRATION_MODELS: dict[str, tuple[dict, int, int]] = {
+    "10M": (dict(vocab_size=8000, hidden_size=256, intermediate_size=688, num_hidden_layers=8,
+                 num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024), 8, 128),
+    "50M": (dict(vocab_size=16000, hidden_size=512, intermediate_size=1376, num_hidden_layers=10,
+                 num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=1024), 2, 512),
+    "150M": (dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=16,
+                  num_attention_heads=12, num_key_value_heads=4, max_position_embeddings=1024), 2, 256),
+}
+
+
 def measure_step_peak(config: dict, micro_batch: int, seq_len: int, lora_r: int = 8,
                       targets: Sequence[str] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
                       steps: int = 2, threads: int | None = None, timeout: float = 600, tune_allocator: bool = True) -> dict:

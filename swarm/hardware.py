@@ -416,7 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _Parser(prog="python -m swarm.hardware", description="What is this machine, and what can it train?")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
-    p.add_argument("--memory-limit", type=_positive_float, metavar="GB", help="cap the memory the swarm may use (GiB)")
+    p.add_argument("--memory-limit", type=_positive_float, metavar="GB", help="cap the memory the swarm may use, in GB of 2^30 bytes (how RAM is sold: a '16 GB' Mac has 16 GiB)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--model", metavar="PATH", help="local model directory: estimate breakdown for it")
     g.add_argument("--params", metavar="SIZE", help="model size such as 7B or 350M: estimate breakdown for it")
@@ -427,7 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _gb(n: int | None) -> str:
-    return "-" if n is None else f"{n / 1e9:.1f} GB"
+    return "-" if n is None else f"{n / GiB:.1f} GiB"
 
 
 def _human(report: dict, console) -> None:

@@ -16,13 +16,14 @@ import threading
 import time
 from pathlib import Path
 
+from swarm.cli import Parser
 from swarm import PROTOCOL_VERSION, SwarmError
 
 DEFAULT_OUTPUT = "swarm-output"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m swarm.join", description="Join (or start) a swarm and train its LoRA adapter.")
+    p = Parser(prog="python -m swarm.join", description="Join (or start) a swarm and train its LoRA adapter.")
     p.add_argument("--initial-peers", nargs="+", metavar="MULTIADDR", default=None,
                    help="multiaddrs of any live peer (what the first peer prints); none = start a new swarm")
     p.add_argument("--host", default="0.0.0.0", help="address to listen on (127.0.0.1 keeps everything on loopback)")

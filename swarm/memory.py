@@ -42,7 +42,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Iterable, Literal
 
@@ -63,15 +63,18 @@ QUANT_BYTES_PER_PARAM = {
 }
 
 #: Framework overhead per backend: (fixed bytes, fraction of weights + trainable + activations).
-#: cpu: calibrated on a 2-core x86 Linux box with torch 2.13 + transformers 5 + peft 0.21 by
-#:   tests/test_memory_measured.py (measured peak RSS of a real LoRA step, three sizes): the fixed
-#:   part is the resident memory of the Python process with torch, transformers and peft imported
-#:   and their kernels warmed up (~430 MB measured); the fraction is glibc malloc slack.
+#: cpu: calibrated on a 2-core x86 Linux box (torch 2.13, transformers 5, peft 0.21) against the
+#:   measured peak RSS of real LoRA steps at ~10M, ~50M and ~150M parameters
+#:   (tests/test_memory_measured.py): the fixed part is the resident memory of a Python process
+#:   that has imported torch, transformers and peft and run one backward (409-410 MB measured);
+#:   the fraction is glibc heap slack for the sub-MiB tensors. It assumes the process called
+#:   `swarm.hardware.tune_allocator()`: without it glibc keeps freed activations resident and
+#:   the peak is 1.3-1.7x higher, varying from run to run (measured; see that function).
 #: cuda/rocm: the CUDA/HIP context and kernels (300-600 MB depending on GPU and driver), cuBLAS
 #:   workspaces, and the caching allocator's fragmentation.
 #: mps/mlx: the Metal runtime is lighter; MLX's buffer cache is the slack.
 OVERHEAD: dict[str, tuple[int, float]] = {
-    "cpu": (440 * MiB, 0.05),
+    "cpu": (410 * MiB, 0.02),
     "cuda": (512 * MiB, 0.08),
     "rocm": (512 * MiB, 0.08),
     "mps": (384 * MiB, 0.08),
@@ -208,8 +211,8 @@ def parse_params(text: str) -> float:
     if not m:
         raise SwarmError(f"bad parameter count {text!r}: expected a size like 7B, 0.5B or 350M")
     n = float(m.group(1)) * (10 ** int(m.group(2) or 0)) * _SUFFIX[m.group(3).lower()]
-    if not (1e5 <= n <= 1e13):
-        raise SwarmError(f"parameter count {text!r} is outside 100K..10T")
+    if not (1e5 <= n <= 1e12):
+        raise SwarmError(f"parameter count {text!r} is outside 100K..1T")
     return n
 
 
@@ -219,30 +222,37 @@ def _size_label(n: float) -> str:
     return f"{n / 1e6:g}M"
 
 
+def _synthetic_chain() -> list[ModelShape]:
+    """Llama-2-like shapes of growing size: width and depth grow in turn (width ~128 x depth),
+    head_dim 128, MLP 8/3 x width, vocabulary 32 x width up to 32k. Every dimension is
+    non-decreasing along the chain, so so is every estimate."""
+    chain, h, layers = [], 128, 1
+    while h <= 32768:
+        inter = 256 * math.ceil(8 * h / 3 / 256)
+        heads = h // 128
+        chain.append(ModelShape(min(32000, 32 * h), h, inter, layers, heads, heads, 128, False))
+        if h // 128 > layers:
+            layers += 1
+        else:
+            h += 128
+    return chain
+
+
+_CHAIN: list[ModelShape] = []
+
+
 def shape_for_params(text: str) -> ModelShape:
-    """A realistic shape for a size: a published architecture for the named sizes, else a Llama-2-like
-    shape (32k vocabulary, head_dim 128, width ~128 x depth, MLP 8/3 x width) with about that many
-    parameters."""
+    """A realistic shape for a size: a published architecture for the named sizes (`NAMED_SHAPES`),
+    else the Llama-2-like shape of `_synthetic_chain` nearest to it in log scale (so a larger size
+    never gives a smaller shape)."""
     n = parse_params(text)
     label = _size_label(n)
     if label in NAMED_SHAPES:
         return NAMED_SHAPES[label]
-    v = 32000
-
-    def shape(h: int, layers: int) -> ModelShape:
-        inter = 256 * math.ceil(8 * h / 3 / 256)
-        heads = max(1, h // 128)
-        return ModelShape(v, h, inter, max(1, layers), heads, heads, h // heads, False, label)
-
-    h = 128
-    while True:  # the smallest width whose "square" model (depth = width / 128) reaches n
-        s = shape(h, h // 128)
-        if s.param_count() >= n or h >= 32768:
-            break
-        h += 128
-    per_layer = s.block_linear_params() // s.num_layers + 2 * h
-    layers = max(1, round((n - s.embedding_params() - h) / per_layer))
-    return shape(h, layers)
+    if not _CHAIN:
+        _CHAIN.extend(_synthetic_chain())
+    best = min(_CHAIN, key=lambda s: abs(math.log(s.param_count() / n)))
+    return replace(best, name=label)
 
 
 # ------------------------------------------------------------------------------------------- estimate

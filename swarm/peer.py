@@ -28,6 +28,20 @@ from swarm.round import Pacer, RoundOutcome, average_round
 
 ADVERT_PERIOD = 5.0
 POLL = 0.2
+RUN_RECORD_WAIT = 15.0  # a joiner waits this long for the swarm's run records (the creator may still be starting)
+
+
+def route_swarm_logs(log_file: Path) -> None:
+    """Diagnostics of swarm's modules (dropped records...) go to a file; the console gets the Reporter's lines."""
+    import logging
+
+    lg = logging.getLogger("swarm")
+    lg.propagate = False
+    if not lg.handlers:
+        handler = logging.FileHandler(log_file)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        lg.addHandler(handler)
+        lg.setLevel(logging.INFO)
 
 
 class Peer:
@@ -70,18 +84,20 @@ class Peer:
 
         a = self.args
         self.transport = HivemindTransport(host=a.host, port=a.port, initial_peers=a.initial_peers,
-                                           identity=self.out / "identity.key")
+                                           identity=self.out / "identity.key", log_file=self.out / "network.log")
+        route_swarm_logs(self.out / "network.log")
         self.me = self.transport.peer_id
         self.log = Reporter(self.me)
         if not a.initial_peers:
             print("initial peers: " + " ".join(self.transport.visible_maddrs()), flush=True)
         self.log.say(f"output: {self.out}")
-        self.log.say(f"hardware: {self.hw.backend} ({self.hw.backend_reason}), {self.hw.device}, "
+        self.log.say(f"hardware: {self.hw.backend} ({self.hw.backend_reason.split(':')[0]}), {self.hw.device}, "
                      f"{self.hw.memory_usable_bytes / 1e9:.1f} of {self.hw.memory_total_bytes / 1e9:.1f} GB usable, tier {self.hw.tier}")
         self.members = Membership(self.transport)
         self.run, self.run_record = self._resolve_run()
-        self._load_model()
+        self._resolve_base()
         self._check_run()
+        self._load_model()
         from swarm.averaging import vector_size
 
         self.transport.open_averaging(run=self.run.name, vector_size=vector_size(self.vector_size),
@@ -93,7 +109,7 @@ class Peer:
     def _resolve_run(self) -> tuple[RunConfig, RunRecord | None]:
         """The run this peer trains: named, from --config, or the best fit among the swarm's runs."""
         a = self.args
-        runs = self.members.runs() if a.initial_peers else {}
+        runs = self._wait_for_runs() if a.initial_peers else {}
         if self.config is not None:
             run = self.config.model_copy(update={"name": a.run}) if a.run else self.config
             return run, runs.get(run.name)
@@ -113,6 +129,16 @@ class Peer:
         self.log.say(f"joining run {choice.run!r}: {choice.reason}")
         return self._run_from_record(runs[choice.run]), runs[choice.run]
 
+    def _wait_for_runs(self) -> dict[str, RunRecord]:
+        """The swarm's runs; a joiner waits a little for them (the swarm's first peer may still be loading)."""
+        wanted = self.args.run or (self.config.name if self.config is not None else None)
+        end = time.monotonic() + RUN_RECORD_WAIT
+        while True:
+            runs = self.members.runs()
+            if (runs and (wanted is None or wanted in runs)) or time.monotonic() > end:
+                return runs
+            time.sleep(0.5)
+
     def _run_from_record(self, record: RunRecord) -> RunConfig:
         try:
             return RunConfig.model_validate(record.config)
@@ -130,18 +156,23 @@ class Peer:
         except Exception:
             return 1 << 62  # a record we cannot size is a run we cannot pick
 
-    def _load_model(self) -> None:
+    def _resolve_base(self) -> None:
+        """The base model directory and its hash: enough to check (or create) the run record."""
         import json
 
+        from swarm.model import base_sha256, resolve_model_dir
+
+        self.model_dir = resolve_model_dir(self.run.model)
+        self.base_sha256 = base_sha256(self.model_dir)
+        self.model_config_json = json.loads((self.model_dir / "config.json").read_text())
+        self.fingerprint = self.run.fingerprint()
+
+    def _load_model(self) -> None:
         from swarm.backends import load_backend
         from swarm.data import corpus_tokens
         from swarm.memory import ModelShape, max_micro_batch
-        from swarm.model import base_sha256, resolve_model_dir
 
         run = self.run
-        self.model_dir = resolve_model_dir(run.model)
-        self.base_sha256 = base_sha256(self.model_dir)
-        self.model_config_json = json.loads((self.model_dir / "config.json").read_text())
         shape = ModelShape.from_config(self.model_config_json)
         self.max_micro_batch = max_micro_batch(self.hw.memory_usable_bytes, shape, limit=run.train.micro_batch, method="lora",
                                                lora_r=run.lora.r, lora_targets=run.lora.target_modules,
@@ -161,7 +192,6 @@ class Peer:
         self.shapes = {n: tuple(adapter[n].shape) for n in self.names}
         self.vector_size = sum(int(np.prod(s)) for s in self.shapes.values())
         self.tokens = corpus_tokens(run.data.source, self.model_dir)
-        self.fingerprint = run.fingerprint()
         self.tokens_per_s = self._probe_throughput()
         self.log.say(f"run {run.name!r}: {shape.param_count() / 1e6:.1f}M-param base ({self.base_sha256[:12]}), "
                      f"{self.vector_size} LoRA params, backend {self.backend.name}, {self.tokens_per_s:.0f} tokens/s measured")
@@ -243,8 +273,8 @@ class Peer:
         return self.catch_up(stop, f"the swarm is at round {swarm_round}")
 
     def _swarm_round(self) -> int:
-        return max((p.round for p in self.members.progress(self.run.name) if p.peer_id != self.me and p.state != "leaving"),
-                   default=0)
+        # leaving peers count too: their round was reached, so state older than it is stale
+        return max((p.round for p in self.members.progress(self.run.name) if p.peer_id != self.me), default=0)
 
     def catch_up(self, stop, why: str) -> TrainingState:
         """Announce the round we will join at, wait for the swarm to reach it, download and verify its state."""
@@ -325,7 +355,15 @@ class Peer:
                     return r
         return None
 
+    def verify_run(self) -> None:
+        """The swarm's record of this run (the oldest wins) must still be ours: else this peer is in the wrong swarm."""
+        rec = self.members.runs().get(self.run.name)
+        if rec is not None and rec != self.run_record:
+            self.run_record = rec
+            self._check_run()
+
     def plan(self, rnd: int, stop) -> RoundPlan | None:
+        self.verify_run()
         bad = self.disagreement() if self.history else None
         if bad is not None:
             self.history.clear()

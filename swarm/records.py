@@ -16,6 +16,15 @@ from swarm import SwarmError
 
 ADVERT_VERSION = 1
 TB = 1 << 40
+MAX_TIME = 1e11  # seconds since the epoch (year ~5000): a larger DHT time is absurd
+_CONTROL = {chr(c) for c in range(32)} | {chr(127)}
+
+
+def _printable(v: str) -> str:
+    """Strings from other peers end up in terminals (status tables): no control characters."""
+    if any(ch in _CONTROL for ch in v):
+        raise ValueError("must not contain control characters")
+    return v
 
 
 class RecordError(SwarmError):
@@ -38,15 +47,20 @@ class CapabilityAdvert(_Wire):
     run: str = Field(min_length=1, max_length=64)
     backend: Literal["cuda", "rocm", "mps", "mlx", "cpu"]
     device: str = Field(max_length=200)
-    tier: str = Field(max_length=40)
+    tier: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,39}$", description="swarm.hardware tier name, e.g. 'sweet-spot'")
     memory_total_bytes: int = Field(ge=0, le=64 * TB)
     memory_usable_bytes: int = Field(ge=0, le=64 * TB)
     throughput_tokens_per_s: float = Field(ge=0.0, le=1e9, description="measured LoRA-step throughput on the run's model")
     max_utilization: float = Field(1.0, gt=0.0, le=1.0)
     max_micro_batch: int = Field(ge=0, le=1 << 20, description="largest micro-batch that fits this peer's memory for the run")
-    start_round: int = Field(0, ge=0, description="first global round this peer contributes to")
+    start_round: int = Field(0, ge=0, le=1 << 53, description="first global round this peer contributes to")
     paused: bool = False
-    timestamp: float = Field(ge=0.0, description="sender's DHT time when the advert was written")
+    timestamp: float = Field(ge=0.0, le=MAX_TIME, description="sender's DHT time when the advert was written")
+
+    @field_validator("peer_id", "run", "device")
+    @classmethod
+    def _no_control(cls, v: str) -> str:
+        return _printable(v)
 
     @field_validator("throughput_tokens_per_s", "max_utilization", "timestamp")
     @classmethod
@@ -67,7 +81,7 @@ class CapabilityAdvert(_Wire):
 def _parse(model: type[_Wire], raw: Any, what: str, version: int) -> Any:
     if not isinstance(raw, dict):
         raise RecordError(f"{what}: expected a mapping, got {type(raw).__name__}")
-    if raw.get("version") != version:
+    if type(raw.get("version")) is not int or raw["version"] != version:  # True and 1.0 are not 1
         raise RecordError(f"{what}: unsupported version {raw.get('version')!r} (this peer speaks {version})")
     try:
         return model.model_validate(raw)

@@ -15,6 +15,7 @@ import json
 import sys
 import time
 
+from swarm.cli import Parser
 from swarm import SwarmError
 
 
@@ -75,7 +76,7 @@ def render(snapshot: dict) -> None:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m swarm.status", description="Show a swarm's runs and peers without joining training.")
+    ap = Parser(prog="python -m swarm.status", description="Show a swarm's runs and peers without joining training.")
     ap.add_argument("--initial-peers", nargs="+", required=True, metavar="MULTIADDR", help="any live peer's multiaddr")
     ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
     ap.add_argument("--wait", type=float, default=1.0, help="seconds to let the DHT connect before reading (default 1)")

@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+from swarm.cli import Parser
 from swarm import SwarmError
 from swarm.metrics import read_metrics
 
@@ -37,7 +38,7 @@ def _per_peer(text: str | None, n: int, what: str, cast=float) -> list:
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m swarm.testbed", description=__doc__.splitlines()[0])
+    p = Parser(prog="python -m swarm.testbed", description=__doc__.splitlines()[0])
     p.add_argument("--peers", type=int, default=3, help="number of peer processes (default 3)")
     p.add_argument("--max-rounds", type=int, default=20, help="rounds to train (default 20)")
     p.add_argument("--output", default=os.path.join("swarm-output", "testbed"), help="where peers write (DIR/peerK) and summary.json")

@@ -34,9 +34,23 @@ def _env() -> dict:
 
 
 def run_cli(module: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    """Run `python -m module args` to completion (bounded), capturing output."""
-    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=timeout,
-                          env=_env(), cwd=ROOT)
+    """Run `python -m module args` to completion (bounded), capturing output; on timeout the whole
+    process group (hivemind's daemons included) is killed."""
+    cmd = [sys.executable, "-m", module, *args]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=ROOT,
+                         start_new_session=True)
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        out, err = p.communicate()
+        raise AssertionError(f"{' '.join(cmd[2:])} did not finish in {timeout}s:\n{out[-2000:]}\n{err[-2000:]}") from None
+    finally:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)  # stray daemons of a finished command
+        except ProcessLookupError:
+            pass
+    return subprocess.CompletedProcess(cmd, p.returncode, out, err)
 
 
 class Peers:

@@ -46,10 +46,10 @@ def test_testbed_three_peers_identical_every_round_and_loss_falls(tmp_path):
 
 
 def test_late_joiner_downloads_state_and_matches(peers):
-    common = ["--max-rounds", "8", "--min-peers", "2"]
-    peers.start("a", *common)
+    common = ["--max-rounds", "16"]
+    peers.start("a", *common, "--min-peers", "2")
     addrs = peers.addrs("a")
-    peers.start("b", *common, initial_peers=addrs)
+    peers.start("b", *common, "--min-peers", "2", initial_peers=addrs)
     end = time.monotonic() + 180
     while time.monotonic() < end and len(metrics(peers.base / "a" / "metrics.jsonl")) < 2:
         time.sleep(0.5)
@@ -59,7 +59,7 @@ def test_late_joiner_downloads_state_and_matches(peers):
         assert peers.wait(name, timeout=240) == 0, peers.log(name)
     late = metrics(peers.base / "c" / "metrics.jsonl")
     assert late and late[0]["round"] > 2, late[:1]                     # it joined mid-run...
-    assert late[-1]["round"] == 8
+    assert late[-1]["round"] == 16
     assert "downloaded state of round" in peers.log("c")
     finals = {metrics(peers.base / n / "metrics.jsonl")[-1]["adapter_sha256"] for n in "abc"}
     assert len(finals) == 1                                             # ...and ends on the same adapter

@@ -55,7 +55,8 @@ def load_lora_model(run: RunConfig, model_dir: Path) -> tuple[nn.Module, dict[st
     load_model, LoRALinear = _mlx_lm()
     model_dir = Path(model_dir)
     try:
-        model, _ = load_model(model_dir, strict=True)
+        loaded = load_model(model_dir, strict=True)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # older mlx-lm returns the model alone
     except (ValueError, KeyError, FileNotFoundError) as e:
         raise SwarmError(f"mlx-lm cannot load the model at {model_dir}: {str(e).splitlines()[0]}") from None
     model.set_dtype(mx.float32)
@@ -115,7 +116,11 @@ class MlxLoraBackend:
             raise SwarmError("mlx model: trainable parameters are not exactly the LoRA tensors")
         canon_shapes = {c: self._shapes[p][::-1] for p, c in self._canon.items()}
         self.set_adapter(initial_adapter(canon_shapes, seed))
-        self._loss_and_grad = nn.value_and_grad(self.model, _sum_ce)
+        value_and_grad = nn.value_and_grad(self.model, _sum_ce)
+        # Compiled as mlx-lm's trainer compiles its step; the model's state is an input (adapters change
+        # between calls) and an output (value_and_grad writes the traced parameters back into the model).
+        self._loss_and_grad = mx.compile(lambda ids: value_and_grad(self.model, ids),
+                                         inputs=self.model.state, outputs=self.model.state)
         self._step = 0
         self._m: dict[str, mx.array] = {}
         self._v: dict[str, mx.array] = {}
@@ -130,9 +135,9 @@ class MlxLoraBackend:
         tokens, loss_sum = 0, 0.0
         for batch in batches:
             ids = mx.array(np.ascontiguousarray(batch, dtype=np.int64).astype(np.int32))
-            loss, grads = self._loss_and_grad(self.model, ids)
+            loss, grads = self._loss_and_grad(ids)
             total = grads if total is None else _tree_add(total, grads)
-            mx.eval(loss, total)
+            mx.eval(loss, total, self.model.state)
             tokens += int(ids.shape[0] * (ids.shape[1] - 1))
             loss_sum += float(loss.item())
         flat = dict(tree_flatten(total)) if total is not None else {}

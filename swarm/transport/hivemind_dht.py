@@ -31,11 +31,23 @@ ALL_INTERFACES = ("0.0.0.0", "::")
 GROUP_BITS = 16
 
 
-def _quiet_hivemind() -> None:
-    """hivemind logs every matchmaking hiccup at WARNING; our own log says what matters."""
-    hivemind.utils.logging.use_hivemind_log_handler("in_root_logger")
-    for name in ("hivemind", "hivemind.averaging", "hivemind.dht", "hivemind.p2p"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+def route_hivemind_logs(log_file: Path | None) -> None:
+    """hivemind logs every matchmaking hiccup (with tracebacks): send it to a file, never to the console.
+
+    Touches only the "hivemind" logger, never the root logger.
+    """
+    hivemind.utils.logging.use_hivemind_log_handler("nowhere")
+    lg = logging.getLogger("hivemind")
+    lg.propagate = False
+    for h in list(lg.handlers):
+        lg.removeHandler(h)
+    if log_file is None:
+        lg.addHandler(logging.NullHandler())
+        return
+    handler = logging.FileHandler(log_file)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"))
+    lg.addHandler(handler)
+    lg.setLevel(logging.INFO)
 
 
 def owner_of(public_key_marker: bytes) -> str:
@@ -67,6 +79,10 @@ class _Averager(DecentralizedAverager):
     state_provider: StateProvider | None = None
 
     def run(self) -> None:
+        # a dying p2pd (Ctrl-C reaches the whole process group) makes hivemind's shutdown raise in a
+        # thread: log it with hivemind's messages instead of printing a traceback on the console
+        threading.excepthook = lambda a: logging.getLogger("hivemind").warning(
+            "averager thread ended: %s: %s", a.exc_type.__name__, a.exc_value)
         # hivemind's reducer sums parts in `torch.zeros(shape)`, i.e. the default dtype: float32
         # would truncate our exact float64 fixed-point sums. This runs in the averager's own process.
         torch.set_default_dtype(torch.float64)
@@ -95,8 +111,8 @@ class HivemindTransport:
     """DHT membership starts at construction; averaging opens once the run (and so the vector size) is known."""
 
     def __init__(self, *, host: str = "0.0.0.0", port: int = 0, initial_peers: list[str] | None = None,
-                 identity: Path | None = None, client_mode: bool = False) -> None:
-        _quiet_hivemind()
+                 identity: Path | None = None, client_mode: bool = False, log_file: Path | None = None) -> None:
+        route_hivemind_logs(log_file)
         self._key = load_identity(identity)
         self._signer = RSASignatureValidator(self._key)
         self.peer_id = owner_of(self._signer.local_public_key)
