@@ -39,6 +39,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-utilization", type=float, default=1.0, metavar="F",
                    help="compute only this fraction of the time (0 < F <= 1), leaving the rest to the machine's owner")
     p.add_argument("--min-peers", type=int, default=1, help="before round 1 of a new swarm, wait until this many peers are advertised")
+    p.add_argument("--background", action="store_true",
+                   help="lowest CPU/IO priority; pause while other processes keep the CPU busy or on battery")
     p.add_argument("--uniform", action="store_true", help="equal token quotas for all peers instead of speed-negotiated ones (baseline)")
     args = p.parse_args(argv)
     if not 0 < args.max_utilization <= 1:
@@ -113,6 +115,7 @@ def run_peer(args: argparse.Namespace, stop: StopFlag) -> int:
         peer.connect()
         state = peer.initial_state(stop)
         peer.start_advertising()
+        peer.start_background_mode()
         while not stop() and (args.max_rounds is None or state.round < args.max_rounds):
             rnd = state.round + 1
             plan = peer.plan(rnd, stop)                                  # plan

@@ -319,6 +319,25 @@ class Peer:
     def _advertise(self) -> None:
         self.members.advertise(self._advert())
 
+    def start_background_mode(self) -> None:
+        """--background: lowest priority, and pause/resume with the owner's use of the machine."""
+        if not self.args.background:
+            return
+        from swarm.background import Monitor, lower_priority
+
+        self.log.say(f"background mode: {lower_priority()}; pausing while other processes keep the CPU busy")
+
+        def changed(paused: bool, load: float, on_battery) -> None:
+            self.paused = paused
+            why = "on battery" if on_battery else f"other processes use {load:.0%} of the CPU"
+            self.log.say(("pausing: " if paused else "resuming: ") + why)
+            try:
+                self._advertise()
+            except Exception:
+                pass  # the advertiser thread retries
+
+        self.monitor = Monitor(on_change=changed).start()
+
     def start_advertising(self) -> None:
         def loop():
             n = 0
@@ -363,6 +382,13 @@ class Peer:
             self._check_run()
 
     def plan(self, rnd: int, stop) -> RoundPlan | None:
+        if self.paused:
+            from swarm.background import wait_while
+
+            wait_while(lambda: self.paused, stop)
+            if not stop() and self._swarm_round() >= rnd:
+                self.catch_up(stop, "resuming after a pause")
+            return None
         self.verify_run()
         bad = self.disagreement() if self.history else None
         if bad is not None:
@@ -400,7 +426,7 @@ class Peer:
         batches = sample_batches(self.tokens, self.run.train.seq_len, task.sequences, task.micro_batch,
                                  self.args.seed, rnd, peer_key(self.me))
         self.pacer = Pacer(batches, deadline=self.round_started + plan.deadline_seconds,
-                           max_utilization=self.args.max_utilization, stop=stop)
+                           max_utilization=self.args.max_utilization, stop=lambda: stop() or self.paused)
         result = self.backend.train(self.pacer)
         compute = result.seconds - self.pacer.slept
         if result.tokens and compute > 0:
@@ -410,6 +436,10 @@ class Peer:
 
     # ------------------------------------------------------------------------------ average
     def average(self, plan: RoundPlan, train: TrainResult, rnd: int) -> RoundOutcome:
+        if os.environ.get("SWARM_CHAOS_DIE_IN_ROUND") == str(rnd):  # fault injection for tests and scripts/chaos.py
+            import signal
+
+            threading.Timer(0.05, lambda: os.killpg(os.getpgrp(), signal.SIGKILL)).start()
         remaining = self.round_started + plan.deadline_seconds - time.monotonic()
         timeout = max(remaining, 0.0) + 2 * self.run.averaging.matchmaking_time + 5.0
         return average_round(self.transport, train, names=self.names, shapes=self.shapes, round_=rnd,
@@ -478,6 +508,8 @@ class Peer:
 
     def close(self) -> None:
         self.stop_advertising.set()
+        if getattr(self, "monitor", None) is not None:
+            self.monitor.stop()
         if self.transport is not None:
             self.transport.shutdown()
         try:

@@ -1,0 +1,48 @@
+"""Background mode's decision is pure; the monitor sees real load from another process."""
+
+import subprocess
+import sys
+import time
+
+import pytest
+
+from swarm.background import Monitor, Policy, decide
+
+P = Policy(busy_above=0.5, busy_for=3, quiet_below=0.25, quiet_for=5)
+
+
+@pytest.mark.parametrize("paused, samples, battery, expected", [
+    (False, [], None, False),
+    (False, [0.9, 0.9], None, False),               # not long enough yet
+    (False, [0.1, 0.9, 0.9, 0.9], None, True),      # busy for 3 samples: pause
+    (False, [0.9, 0.9, 0.4], None, False),          # a dip resets it
+    (True, [0.9, 0.1, 0.1, 0.1, 0.1], None, True),  # quiet for only 4: stay paused
+    (True, [0.1] * 5, None, False),                 # quiet for 5: resume
+    (True, [0.1, 0.1, 0.3, 0.1, 0.1], None, True),  # hysteresis: 0.3 is not quiet
+    (False, [0.0] * 5, True, True),                 # on battery
+    (True, [0.0] * 5, False, False),                # plugged in again
+])
+def test_decide(paused, samples, battery, expected):
+    assert decide(paused, samples, battery, P) is expected
+
+
+def test_monitor_pauses_under_synthetic_load_from_another_process_and_resumes():
+    changes = []
+    mon = Monitor(Policy(busy_above=0.3, busy_for=2, quiet_below=0.2, quiet_for=2, pause_on_battery=False),
+                  on_change=lambda paused, load, _: changes.append((paused, load)), period=0.5).start()
+    hog = subprocess.Popen([sys.executable, "-c", "import time\nend = time.time() + 20\nwhile time.time() < end: pass"])
+    hog2 = subprocess.Popen([sys.executable, "-c", "import time\nend = time.time() + 20\nwhile time.time() < end: pass"])
+    try:
+        end = time.monotonic() + 15
+        while time.monotonic() < end and not mon.paused:
+            time.sleep(0.2)
+        assert mon.paused, list(mon.samples)
+    finally:
+        hog.kill(), hog2.kill()
+        hog.wait(), hog2.wait()
+    end = time.monotonic() + 15
+    while time.monotonic() < end and mon.paused:
+        time.sleep(0.2)
+    mon.stop()
+    assert not mon.paused, list(mon.samples)
+    assert [c[0] for c in changes] == [True, False]
