@@ -65,16 +65,18 @@ QUANT_BYTES_PER_PARAM = {
 #: Framework overhead per backend: (fixed bytes, fraction of weights + trainable + activations).
 #: cpu: calibrated on a 2-core x86 Linux box (torch 2.13, transformers 5, peft 0.21) against the
 #:   measured peak RSS of real LoRA steps at ~10M, ~50M and ~150M parameters
-#:   (tests/test_memory_measured.py): the fixed part is the resident memory of a Python process
-#:   that has imported torch, transformers and peft and run one backward (409-410 MB measured);
-#:   the fraction is glibc heap slack for the sub-MiB tensors. It assumes the process called
-#:   `swarm.hardware.tune_allocator()`: without it glibc keeps freed activations resident and
-#:   the peak is 1.3-1.7x higher, varying from run to run (measured; see that function).
+#:   (swarm.benchmark.CALIBRATION_MODELS, tests/test_memory_measured.py). The fixed part is the
+#:   resident memory of a Python process that has imported torch, transformers and peft and run
+#:   one small backward (408-410 MB measured), plus ~22 MB that the first real step adds
+#:   (autograd engine, thread pools, kernel caches): the constant part of the residual, the same
+#:   at all three sizes. The fraction is heap slack for the small tensors. This assumes glibc's
+#:   mmap threshold is pinned (`swarm.hardware.tune_allocator()`); with glibc's default dynamic
+#:   threshold the peak RSS is 1.3-1.7x this estimate and varies from run to run (measured).
 #: cuda/rocm: the CUDA/HIP context and kernels (300-600 MB depending on GPU and driver), cuBLAS
 #:   workspaces, and the caching allocator's fragmentation.
 #: mps/mlx: the Metal runtime is lighter; MLX's buffer cache is the slack.
 OVERHEAD: dict[str, tuple[int, float]] = {
-    "cpu": (410 * MiB, 0.02),
+    "cpu": (430 * MiB, 0.02),
     "cuda": (512 * MiB, 0.08),
     "rocm": (512 * MiB, 0.08),
     "mps": (384 * MiB, 0.08),
@@ -320,7 +322,8 @@ def _layer_activation_bytes(shape: ModelShape, method: str, tokens: int, batch: 
       (e B), which the next linears (LoRA A, or the base linears in full fine-tune) save as input;
       with trainable norm weights (full) the un-scaled normed tensor is saved too (e B);
     - attention saves the rotated q and k, v, its output and log-sum-exp (fp32 per head and token);
-      the output is made contiguous before o_proj, which saves that copy;
+      o_proj's LoRA saves the same output (fused SDPA kernels write it token-major, so the
+      transpose + .contiguous() before o_proj copies nothing);
     - the SwiGLU MLP saves gate (for SiLU), SiLU(gate) and up (for their product), and the product
       (down_proj's input): 4 x intermediate;
     - each LoRA target saves A's output (r) as B's input.
@@ -331,7 +334,8 @@ def _layer_activation_bytes(shape: ModelShape, method: str, tokens: int, batch: 
     if method == "full":
         per_token += 2 * h * e                       # normed before the weight multiply
     per_token += e * (q + 2 * kv)                    # rotated q, k and v, saved by SDPA
-    per_token += e * (q + h)                         # SDPA output and its contiguous copy (o_proj input)
+    per_token += e * q                               # SDPA output, also o_proj's input (fused kernels
+                                                     # return it token-major: .contiguous() is a no-op)
     per_token += e * 4 * i                           # MLP
     if method != "full":
         per_token += e * r * len(targets)            # LoRA A outputs

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from swarm import PROTOCOL_VERSION, SwarmError, checkpoint
-from swarm.adapters import initial_adapter, save_peft_adapter
+from swarm.adapters import initial_adapter, save_mlx_adapter, save_peft_adapter
 from swarm.backends.base import OptimizerState, TrainResult
 from swarm.checkpoint import StateError, TrainingState
 from swarm.config import RunConfig, default_run, load_config
@@ -360,10 +360,13 @@ class Peer:
         return [a for a in self.members.adverts(self.run.name) if a.peer_id != self.me] + [mine]
 
     def disagreement(self) -> int | None:
-        """The latest recent round where this peer's adapter is not the swarm's (majority; ties: smallest hash)."""
+        """The latest recent round where this peer's adapter is not the swarm's (majority; ties: smallest hash).
+
+        Only peers of the same framework vote: torch and MLX peers agree within float tolerance, not bit for bit.
+        """
         votes: dict[int, Counter] = {}
         for p in self.members.progress(self.run.name):
-            if p.peer_id != self.me and p.state != "leaving":
+            if p.peer_id != self.me and p.state != "leaving" and p.backend == self.backend.name:
                 for r, h in p.history.items():
                     votes.setdefault(int(r), Counter())[h] += 1
         for r in sorted(self.history, reverse=True):
@@ -416,6 +419,7 @@ class Peer:
             return None
         self.last_plan, self.last_adverts = plan, adverts
         self.round_started = time.monotonic()
+        self.round_started_swarm = self.transport.now()
         return plan
 
     # ------------------------------------------------------------------------------ train
@@ -440,11 +444,13 @@ class Peer:
             import signal
 
             threading.Timer(0.05, lambda: os.killpg(os.getpgrp(), signal.SIGKILL)).start()
+        # wait for stragglers until the plan's deadline (they contribute what they trained by then), not longer
         remaining = self.round_started + plan.deadline_seconds - time.monotonic()
         timeout = max(remaining, 0.0) + 2 * self.run.averaging.matchmaking_time + 5.0
         return average_round(self.transport, train, names=self.names, shapes=self.shapes, round_=rnd,
                              plan_id=plan.plan_id, group_size=len(plan.tasks), clip_norm=self.run.train.max_grad_norm,
-                             timeout=timeout, run=self.run.name)
+                             timeout=timeout, run=self.run.name,
+                             wait_until=self.round_started_swarm + plan.deadline_seconds + 0.5)
 
     # ------------------------------------------------------------------------------ commit
     def commit(self, outcome: RoundOutcome, rnd: int) -> TrainingState:
@@ -454,11 +460,12 @@ class Peer:
         with self._state_lock:
             self.state = state
         save_peft_adapter(self.out / "adapter", state.adapter, self.run, self.model_dir)
+        save_mlx_adapter(self.out / "mlx_adapter", state.adapter, self.run)
         return state
 
     def publish(self, state: TrainingState, plan: RoundPlan, train: TrainResult, outcome: RoundOutcome) -> None:
         seconds = time.monotonic() - self.round_started
-        self.previous_round_seconds = seconds
+        self.previous_round_seconds = outcome.slowest_seconds or train.seconds
         task = plan.task_for(self.me)
         loss = train.loss_sum / train.tokens if train.tokens else None
         tps = train.tokens / seconds if seconds > 0 else 0.0
@@ -471,6 +478,7 @@ class Peer:
             "group_tokens": outcome.group_tokens, "group_size": outcome.group_size, "seconds": round(seconds, 4),
             "train_seconds": round(train.seconds, 4), "wait_seconds": round(outcome.reduce_seconds, 4),
             "tokens_per_s": round(tps, 2), "backend": self.backend.name, "adapter_sha256": digest,
+            "adapter_norm": float(np.sqrt(sum(float(np.sum(np.square(a, dtype=np.float64))) for a in state.adapter.values()))),
             "plan_id": plan.plan_id, "plan_round": plan.round, "plan_mode": plan.mode, "quota_tokens": task.quota_tokens,
             "micro_batch": task.micro_batch, "accumulation_steps": task.accumulation_steps,
             "deadline_seconds": round(plan.deadline_seconds, 3), "cut_short": self.pacer.cut_short, "time": time.time(),
@@ -478,7 +486,8 @@ class Peer:
         self.members.report(self.run.name, ProgressRecord(
             peer_id=self.me, round=state.round, adapter_sha256=digest, loss=loss, tokens_per_s=tps,
             quota_tokens=task.quota_tokens, micro_batch=task.micro_batch, plan_id=plan.plan_id,
-            history={str(r): h for r, h in self.history.items()}, timestamp=self.transport.now()))
+            backend=self.backend.name, history={str(r): h for r, h in self.history.items()},
+            timestamp=self.transport.now()))
         self.log.say(f"loss {loss if loss is not None else float('nan'):.4f} | {train.tokens} tok, {tps:.0f} tok/s | "
                      f"group {outcome.group_size} ({outcome.group_tokens} tok) | wait {outcome.reduce_seconds:.2f}s | "
                      f"adapter {digest[:12]}", state.round)

@@ -128,6 +128,7 @@ class ProgressRecord(_Wire):
     micro_batch: int = Field(0, ge=0, le=1 << 20)
     plan_id: str = Field("", max_length=64)
     state: Literal["training", "paused", "leaving"] = "training"
+    backend: str = Field("torch", max_length=16, description="framework: adapters agree bit for bit only within one")
     history: dict[str, str] = Field(default_factory=dict, description="recent rounds -> adapter sha256 (agreement checks)")
     timestamp: float = Field(ge=0.0)
 

@@ -59,11 +59,12 @@ class RoundOutcome:
     group_loss: float | None = None           # token-weighted mean loss of the group
     members: list[str] = field(default_factory=list)
     reduce_seconds: float = 0.0
+    slowest_seconds: float = 0.0              # the longest local training time in the group (adapts the deadline)
 
 
 def average_round(transport: Transport, train: TrainResult, *, names: list[str], shapes: dict[str, tuple[int, ...]],
                   round_: int, plan_id: str, group_size: int, clip_norm: float, timeout: float,
-                  run: str) -> RoundOutcome:
+                  run: str, wait_until: float | None = None) -> RoundOutcome:
     """All-reduce this peer's clipped, token-weighted gradient with the group; validate everything."""
     values = sum(int(np.prod(shapes[n])) for n in names)
     salt = new_salt()
@@ -72,17 +73,17 @@ def average_round(transport: Transport, train: TrainResult, *, names: list[str],
     except AveragingError as e:
         return RoundOutcome(ok=False, reason=f"not contributing: {e}")
     gather = {"peer": transport.peer_id, "round": round_, "tokens": train.tokens, "loss_sum": float(train.loss_sum),
-              "plan": plan_id, "salt": salt}
+              "plan": plan_id, "salt": salt, "seconds": float(train.seconds)}
     if group_size <= 1:
         result_vec, gathered, seconds = vector, {transport.peer_id: gather}, 0.0
     else:
         try:
             res = transport.all_reduce(vector, group_key=f"{run}.r{round_}", group_size=group_size, gather=gather,
-                                       timeout=timeout)
+                                       timeout=timeout, wait_until=wait_until)
         except TransportError as e:
             return RoundOutcome(ok=False, reason=str(e))
         result_vec, gathered, seconds = res.vector, res.gathered, res.seconds
-    members, tokens, loss, salts = [], 0, 0.0, 0
+    members, tokens, loss, salts, slowest = [], 0, 0.0, 0, 0.0
     for g in gathered.values():
         if not isinstance(g, dict) or g.get("round") != round_ or not isinstance(g.get("tokens"), int) \
                 or not isinstance(g.get("loss_sum"), float) or not math.isfinite(g["loss_sum"]) \
@@ -92,6 +93,8 @@ def average_round(transport: Transport, train: TrainResult, *, names: list[str],
         tokens += g["tokens"]
         loss += g["loss_sum"]
         salts += g["salt"]
+        if isinstance(g.get("seconds"), float) and math.isfinite(g["seconds"]):
+            slowest = max(slowest, min(g["seconds"], 3600.0))
     try:
         avg = decode(result_vec, len(gathered), clip_norm, values=values, salt_sum=salts)
     except AveragingError as e:
@@ -100,4 +103,4 @@ def average_round(transport: Transport, train: TrainResult, *, names: list[str],
         return RoundOutcome(ok=False, reason=f"group says it trained {tokens} tokens but averaged {avg.tokens}")
     return RoundOutcome(ok=True, mean_grads=unflatten(avg.mean_grad, names, shapes), group_tokens=tokens,
                         group_size=len(gathered), group_loss=loss / tokens, members=sorted(members),
-                        reduce_seconds=seconds)
+                        reduce_seconds=seconds, slowest_seconds=slowest)

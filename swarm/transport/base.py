@@ -48,8 +48,9 @@ class Transport(Protocol):
         """All live, signature-checked values under `key`, one per owner."""
 
     def all_reduce(self, vector: np.ndarray, *, group_key: str, group_size: int, gather: Any,
-                   timeout: float) -> ReduceResult:
-        """Average `vector` (equal weights) with the peers calling it with the same group_key."""
+                   timeout: float, wait_until: float | None = None) -> ReduceResult:
+        """Average `vector` (equal weights) with the peers calling it with the same group_key: wait for
+        missing members until `wait_until` (swarm time), at once when `group_size` are there."""
 
     def serve_state(self, provider: StateProvider) -> None:
         """Let joining peers download (metadata, tensors) from this peer."""

@@ -174,8 +174,12 @@ class HivemindTransport:
 
     # --- averaging -------------------------------------------------------------------------
     def all_reduce(self, vector: np.ndarray, *, group_key: str, group_size: int, gather: Any,
-                   timeout: float) -> ReduceResult:
+                   timeout: float, wait_until: float | None = None) -> ReduceResult:
         start = time.perf_counter()
+        # matchmaking waits for missing members until `wait_until` (the round's deadline, DHT time);
+        # the group forms at once when all `group_size` members are there
+        now = self.now()
+        scheduled = max(wait_until or 0.0, now + 0.5)
         bits = format(int(hashlib.sha256(group_key.encode()).hexdigest(), 16) % (1 << GROUP_BITS), f"0{GROUP_BITS}b")
         self._averager.set_group_bits(bits)
         if group_size != self._group_size:
@@ -184,7 +188,8 @@ class HivemindTransport:
         with self._averager.get_tensors() as tensors:
             tensors[0].copy_(torch.from_numpy(np.ascontiguousarray(vector, dtype=np.float64)))
         try:
-            gathered = self._averager.step(gather=gather, weight=1.0, timeout=timeout, allow_retries=True)
+            gathered = self._averager.step(gather=gather, weight=1.0, scheduled_time=scheduled,
+                                           timeout=max(timeout, scheduled - now + 1.0), allow_retries=True)
         except Exception as e:
             raise TransportError(f"all-reduce failed: {type(e).__name__}: {e}") from None
         if not gathered:
