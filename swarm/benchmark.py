@@ -6,7 +6,8 @@
   (base model hash, backend, device, dtype, micro-batch, seq len), written atomically, so a restart
   does not measure again.
 - `probe_default_throughput(hw_backend)`: what `python -m swarm.hardware` shows: the probe on the
-  embedded default model with the torch backend; degrades to (None, reason) if it cannot run.
+  embedded default model with this machine's backend (mlx on MLX machines, torch elsewhere);
+  degrades to (None, reason) if it cannot run.
 - `measure_step_peak(...)`: peak resident memory of real LoRA training steps (torch + peft, CPU,
   fp32) of a Llama-style model built from a config, in a fresh subprocess so the peak is clean.
   The memory model's CPU calibration and its measured test use it.
@@ -62,7 +63,7 @@ class ThroughputKey:
 
     model_hash: str   # base weights' sha256 (swarm.model.base_sha256)
     backend: str      # backend name ("torch", "mlx")
-    device: str       # where it ran ("cpu", "cuda", "mps", "gpu")
+    device: str       # where it ran: the swarm.hardware backend ("cpu", "cuda", "rocm", "mps", "mlx")
     dtype: str
     micro_batch: int
     seq_len: int
@@ -127,9 +128,10 @@ def cached_throughput(key: ThroughputKey, measure: Callable[[], float], path: Pa
     return value, False
 
 
-#: swarm.hardware backend -> (swarm backend name, its device argument)
+#: swarm.hardware backend -> (swarm backend name, torch device argument). The cache key's device
+#: is the hardware backend ("rocm", not torch's "cuda"), as swarm.peer writes it.
 _PROBE_BACKEND = {"cuda": ("torch", "cuda"), "rocm": ("torch", "cuda"), "mps": ("torch", "mps"),
-                  "cpu": ("torch", "cpu"), "mlx": ("torch", "cpu")}
+                  "cpu": ("torch", "cpu"), "mlx": ("mlx", None)}
 
 
 def probe_default_throughput(hw_backend: str, micro_batch: int | None = None, seq_len: int | None = None,
@@ -138,8 +140,6 @@ def probe_default_throughput(hw_backend: str, micro_batch: int | None = None, se
 
     Returns (tokens/s, note) or (None, why it was not measured). Never raises: the throughput
     figure is informative, and a missing or broken backend must not stop hardware detection.
-    (On an MLX machine the probe runs the torch backend on CPU until an MLX probe exists; the note
-    says so.)
     """
     try:
         from swarm.config import default_run
@@ -149,24 +149,28 @@ def probe_default_throughput(hw_backend: str, micro_batch: int | None = None, se
         mb = micro_batch or run.train.micro_batch
         sl = seq_len or run.train.seq_len
         name, device = _PROBE_BACKEND.get(hw_backend, ("torch", "cpu"))
+        label = hw_backend if hw_backend in _PROBE_BACKEND else "cpu"
         try:
-            from swarm.backends.torch_lora import TorchLoraBackend
+            if name == "mlx":
+                from swarm.backends.mlx_lora import MlxLoraBackend as backend_cls
+                extra = {}
+            else:
+                from swarm.backends.torch_lora import TorchLoraBackend as backend_cls
+                extra = {"device": device}
         except ImportError as e:
-            return None, f"not measured: torch backend unavailable ({e})"
+            return None, f"not measured: {name} backend unavailable ({e})"
         model_dir = resolve_model_dir(run.model)
-        key = ThroughputKey(base_sha256(model_dir), name, device, run.train.dtype, mb, sl)
+        key = ThroughputKey(base_sha256(model_dir), name, label, run.train.dtype, mb, sl)
         vocab = run.model.builtin.vocab_size
 
         def measure() -> float:
-            backend = TorchLoraBackend(run, model_dir, device=device)
+            backend = backend_cls(run, model_dir, **extra)
             rng = np.random.default_rng(0)
             return measure_throughput(backend, lambda: [rng.integers(0, vocab, (mb, sl + 1), dtype=np.int64)], steps=steps)
 
         value, hit = cached_throughput(key, measure)
         where = "cached" if hit else "measured now"
-        note = f"{where}: default model, {name} on {device}, micro-batch {mb} x {sl} tokens"
-        if hw_backend == "mlx":
-            note += " (torch on CPU: no MLX probe yet)"
+        note = f"{where}: default model, {name} backend on {label}, micro-batch {mb} x {sl} tokens"
         return value, note
     except Exception as e:  # noqa: BLE001 - informative figure; report why instead of failing detection
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__

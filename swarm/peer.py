@@ -54,6 +54,10 @@ class Peer:
         self.args = args
         self.config = load_config(args.config) if args.config else None
         self.hw = detect(memory_limit_gb=args.memory_limit)
+        if args.memory_limit is not None:  # memory is the constraint: make resident memory match the estimate
+            from swarm.hardware import tune_allocator
+
+            self.allocator = tune_allocator()
         self.out = Path(args.output or os.path.join(".", "swarm-output")).resolve()
         self._lock_output()
         self.transport = None

@@ -1,0 +1,133 @@
+"""A chaos run on 127.0.0.1: faults injected into a live swarm, and what they cost.
+
+Timeline (rounds of the swarm):
+  a, b, c start together; c's whole process group is SIGKILLed as its round-K all-reduce starts;
+  once a has finished round J, d joins late; once a has finished round L, b gets SIGTERM.
+Prints: faults injected and survived, rounds lost per fault (failed round attempts on survivors),
+time to recover after the kill, late-join time to first contribution, and whether every
+survivor's final adapter hash is identical.
+
+Usage: python scripts/chaos.py [--rounds 14] [--kill-round 4] [--join-after 6] [--term-after 9] [--output DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from swarm.metrics import read_metrics  # noqa: E402
+
+
+class Swarm:
+    def __init__(self, out: Path) -> None:
+        self.out, self.procs, self.launched = out, {}, {}
+
+    def start(self, name: str, args: list[str], env: dict | None = None) -> None:
+        d = self.out / name
+        d.mkdir(parents=True, exist_ok=True)
+        e = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT), **(env or {}))
+        cmd = [sys.executable, "-m", "swarm.join", "--host", "127.0.0.1", "--threads", "1", "--output", str(d), *args]
+        self.procs[name] = subprocess.Popen(cmd, stdout=open(d / "log.txt", "w"), stderr=subprocess.STDOUT, env=e,
+                                            start_new_session=True)
+        self.launched[name] = time.time()
+
+    def metrics(self, name: str) -> list[dict]:
+        return read_metrics(self.out / name / "metrics.jsonl")
+
+    def log(self, name: str) -> str:
+        return (self.out / name / "log.txt").read_text(errors="replace")
+
+    def addrs(self, name: str) -> list[str]:
+        for _ in range(600):
+            for line in self.log(name).splitlines():
+                if line.startswith("initial peers:"):
+                    return line.split(":", 1)[1].split()
+            time.sleep(0.2)
+        raise SystemExit(f"{name} did not start")
+
+    def wait_round(self, name: str, n: int, timeout: float = 600) -> None:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if len(self.metrics(name)) >= n:
+                return
+            time.sleep(0.2)
+        raise SystemExit(f"{name} did not reach round {n}")
+
+    def kill_all(self) -> None:
+        for p in self.procs.values():
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=14)
+    ap.add_argument("--kill-round", type=int, default=4)
+    ap.add_argument("--join-after", type=int, default=6)
+    ap.add_argument("--term-after", type=int, default=9)
+    ap.add_argument("--output", default=None)
+    args = ap.parse_args()
+    out = Path(args.output or tempfile.mkdtemp(prefix="chaos-"))
+    sw = Swarm(out)
+    rounds = ["--max-rounds", str(args.rounds)]
+    try:
+        sw.start("a", rounds + ["--min-peers", "3"])
+        addrs = sw.addrs("a")
+        sw.start("b", rounds + ["--min-peers", "3", "--initial-peers", *addrs])
+        sw.start("c", rounds + ["--min-peers", "3", "--initial-peers", *addrs],
+                 env={"SWARM_CHAOS_DIE_IN_ROUND": str(args.kill_round)})
+        sw.procs["c"].wait(timeout=900)
+        killed_at = time.time()
+        sw.wait_round("a", args.join_after)
+        sw.start("d", rounds + ["--initial-peers", *addrs])
+        sw.wait_round("a", args.term_after)
+        sw.procs["b"].send_signal(signal.SIGTERM)
+        termed_at = time.time()
+        codes = {n: p.wait(timeout=900) for n, p in sw.procs.items()}
+    finally:
+        sw.kill_all()
+
+    ma = sw.metrics("a")
+    after_kill = [m for m in ma if m["time"] > killed_at]
+    recover_s = after_kill[0]["time"] - killed_at if after_kill else float("nan")
+    d = sw.metrics("d")
+    lost = {n: sw.log(n).count("round not applied") for n in ("a", "b", "d")}
+    survivors = ["a", "d"]
+    finals = {n: sw.metrics(n)[-1]["adapter_sha256"] for n in survivors}
+    b_last = sw.metrics("b")[-1]
+    b_same_round = next(m for m in ma if m["round"] == b_last["round"])
+    result = {
+        "faults": {
+            "kill -9 in the all-reduce of round %d (c)" % args.kill_round: f"exit {codes['c']}",
+            "late join after round %d (d)" % args.join_after: f"exit {codes['d']}",
+            "SIGTERM after round %d (b)" % args.term_after: f"exit {codes['b']}",
+        },
+        "survivor_exit_codes": {n: codes[n] for n in ("a", "d")},
+        "failed_round_attempts": lost,
+        "rounds_completed": {n: [m["round"] for m in sw.metrics(n)][-1] for n in ("a", "b", "d")},
+        "a_rounds_missing": sorted(set(range(1, args.rounds + 1)) - {m["round"] for m in ma}),
+        "seconds_to_first_round_after_kill": round(recover_s, 2),
+        "late_join_seconds_to_first_contribution": round(d[0]["time"] - sw.launched["d"], 2) if d else None,
+        "late_joiner_first_round": d[0]["round"] if d else None,
+        "sigterm_exit_seconds": round(sw.metrics("b")[-1]["time"] - termed_at, 2),
+        "b_final_adapter_matches_a_at_its_round": b_last["adapter_sha256"] == b_same_round["adapter_sha256"],
+        "final_adapter_sha256": finals,
+        "survivors_identical": len(set(finals.values())) == 1,
+        "output": str(out),
+    }
+    print(json.dumps(result, indent=2))
+    return 0 if result["survivors_identical"] and all(c == 0 for c in result["survivor_exit_codes"].values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
