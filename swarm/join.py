@@ -129,7 +129,7 @@ def run_peer(args: argparse.Namespace, stop: StopFlag) -> int:
                 peer.publish(state, plan, train, outcome)
             else:
                 state = peer.roll_back(outcome, rnd, stop)               # roll back: nothing applied
-        peer.leave(state)
+        peer.leave(state, finished=not stop())
         return 0
     finally:
         peer.close()

@@ -28,6 +28,8 @@ from swarm.round import Pacer, RoundOutcome, average_round
 
 ADVERT_PERIOD = 5.0
 POLL = 0.2
+AVERAGE_ATTEMPTS = 3     # all-reduce attempts per round with the same trained contribution
+LINGER = 20.0            # a peer that finished the run serves its final state this long to peers still behind
 RUN_RECORD_WAIT = 15.0  # a joiner waits this long for the swarm's run records (the creator may still be starting)
 
 
@@ -283,6 +285,8 @@ class Peer:
     def catch_up(self, stop, why: str) -> TrainingState:
         """Announce the round we will join at, wait for the swarm to reach it, download and verify its state."""
         target = self._swarm_round() + 1                 # the state we need: after the round now in progress
+        if self.args.max_rounds is not None:
+            target = min(target, self.args.max_rounds)   # the swarm ends there: take its final state
         self.start_round = target + 1
         self._advertise()
         self.log.say(f"{why}: joining at round {self.start_round}, downloading state after round {target}")
@@ -444,17 +448,28 @@ class Peer:
 
     # ------------------------------------------------------------------------------ average
     def average(self, plan: RoundPlan, train: TrainResult, rnd: int) -> RoundOutcome:
+        """Average this round's contribution; if the all-reduce fails, retry it at once with the same
+        contribution (the group's other members failed at the same moment and retry too), unless the
+        swarm has already completed the round without us."""
         if os.environ.get("SWARM_CHAOS_DIE_IN_ROUND") == str(rnd):  # fault injection for tests and scripts/chaos.py
             import signal
 
             threading.Timer(0.05, lambda: os.killpg(os.getpgrp(), signal.SIGKILL)).start()
-        # wait for stragglers until the plan's deadline (they contribute what they trained by then), not longer
-        remaining = self.round_started + plan.deadline_seconds - time.monotonic()
-        timeout = max(remaining, 0.0) + 2 * self.run.averaging.matchmaking_time + 5.0
-        return average_round(self.transport, train, names=self.names, shapes=self.shapes, round_=rnd,
-                             plan_id=plan.plan_id, group_size=len(plan.tasks), clip_norm=self.run.train.max_grad_norm,
-                             timeout=timeout, run=self.run.name,
-                             wait_until=self.round_started_swarm + plan.deadline_seconds + 0.5)
+        mm = self.run.averaging.matchmaking_time
+        wait_until = self.round_started_swarm + plan.deadline_seconds + 0.5  # stragglers contribute what they have by then
+        outcome = None
+        for attempt in range(AVERAGE_ATTEMPTS):
+            timeout = max(wait_until - self.transport.now(), 0.0) + 2 * mm + 5.0
+            outcome = average_round(self.transport, train, names=self.names, shapes=self.shapes, round_=rnd,
+                                    plan_id=plan.plan_id, group_size=len(plan.tasks),
+                                    clip_norm=self.run.train.max_grad_norm, timeout=timeout, run=self.run.name,
+                                    wait_until=wait_until)
+            if outcome.ok or outcome.reason.startswith("not contributing") or self._swarm_round() >= rnd:
+                break
+            if attempt + 1 < AVERAGE_ATTEMPTS:
+                self.log.warn(f"averaging failed ({outcome.reason}); retrying with the same contribution", rnd)
+                wait_until = self.transport.now() + 2 * mm
+        return outcome
 
     # ------------------------------------------------------------------------------ commit
     def commit(self, outcome: RoundOutcome, rnd: int) -> TrainingState:
@@ -500,7 +515,7 @@ class Peer:
     def roll_back(self, outcome: RoundOutcome, rnd: int, stop) -> TrainingState:
         """The round failed here: nothing was applied. Retry it, or catch up if the swarm went on without us."""
         self.log.warn(f"round not applied: {outcome.reason}", rnd)
-        until = time.monotonic() + 2 * self.run.averaging.matchmaking_time
+        until = time.monotonic() + self.run.averaging.matchmaking_time
         while time.monotonic() < until and not stop():
             if self._swarm_round() >= rnd:
                 return self.catch_up(stop, "the swarm completed this round without us")
@@ -508,7 +523,17 @@ class Peer:
         return self.state
 
     # ------------------------------------------------------------------------------ leave
-    def leave(self, state: TrainingState) -> None:
+    def leave(self, state: TrainingState, finished: bool = False) -> None:
+        """Say goodbye in the DHT. After the last round, keep serving the final state a little while
+        to peers still behind (a straggler that missed the last rounds can then still end identical)."""
+        if finished:
+            end = time.monotonic() + LINGER
+            while time.monotonic() < end:
+                behind = [p for p in self.members.progress(self.run.name)
+                          if p.peer_id != self.me and p.state != "leaving" and p.round < state.round]
+                if not behind:
+                    break
+                time.sleep(0.5)
         self.paused = True
         try:
             self._advertise()

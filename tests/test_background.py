@@ -28,7 +28,7 @@ def test_decide(paused, samples, battery, expected):
 
 def test_monitor_pauses_under_synthetic_load_from_another_process_and_resumes():
     changes = []
-    mon = Monitor(Policy(busy_above=0.3, busy_for=2, quiet_below=0.2, quiet_for=2, pause_on_battery=False),
+    mon = Monitor(Policy(busy_above=0.6, busy_for=2, quiet_below=0.45, quiet_for=2, pause_on_battery=False),
                   on_change=lambda paused, load, _: changes.append((paused, load)), period=0.5).start()
     hog = subprocess.Popen([sys.executable, "-c", "import time\nend = time.time() + 20\nwhile time.time() < end: pass"])
     hog2 = subprocess.Popen([sys.executable, "-c", "import time\nend = time.time() + 20\nwhile time.time() < end: pass"])

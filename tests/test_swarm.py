@@ -73,7 +73,6 @@ def test_one_swarm_round_equals_single_process_weighted_average(peers):
     peers.start("b", "--max-rounds", "1", "--min-peers", "2", initial_peers=peers.addrs("a"))
     assert peers.wait("a", 180) == 0 and peers.wait("b", 180) == 0
     rounds = [metrics(peers.base / n / "metrics.jsonl")[0] for n in "ab"]
-    assert all(not r["cut_short"] for r in rounds)
 
     from swarm.adapters import load_peft_adapter
     from swarm.averaging import clip_by_norm, flatten, unflatten
@@ -92,6 +91,9 @@ def test_one_swarm_round_equals_single_process_weighted_average(peers):
     for r in rounds:
         batches = sample_batches(tokens, run.train.seq_len, r["quota_tokens"] // run.train.seq_len, r["micro_batch"],
                                  0, 1, peer_key(r["peer"]))
+        if r["cut_short"]:  # the peer reached the round's deadline: it trained a prefix of its micro-batches
+            done = list(np.cumsum([b[:, 1:].size for b in batches]))
+            batches = batches[:done.index(r["tokens"]) + 1]
         res = backend.train(batches)
         assert res.tokens == r["tokens"]
         g, _ = clip_by_norm(flatten(res.grads, names), run.train.max_grad_norm)

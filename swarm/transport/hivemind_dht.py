@@ -141,7 +141,7 @@ class HivemindTransport:
         self._averager = _Averager(
             [torch.zeros(vector_size, dtype=torch.float64)], self.dht, start=True, prefix=f"{run}_avg",
             target_group_size=2, min_group_size=2, min_matchmaking_time=matchmaking_time,
-            request_timeout=min(1.0, matchmaking_time / 2), allreduce_timeout=allreduce_timeout,
+            request_timeout=matchmaking_time / 2, allreduce_timeout=allreduce_timeout,
             compression=NoCompression(), state_compression=NoCompression(), allow_state_sharing=True,
             declare_state_period=10, shutdown_timeout=3,
         )
