@@ -100,8 +100,16 @@ def test_one_swarm_round_equals_single_process_weighted_average(peers):
         weighted = g * res.tokens if weighted is None else weighted + g * res.tokens
         total += res.tokens
     backend.apply_update(unflatten(weighted / total, names, shapes))
+    # The averaged gradient itself: after one AdamW step, exp_avg = (1 - beta1) * g on both sides.
+    from swarm.checkpoint import load
+
+    ours = load(peers.base / "a" / "checkpoint", {n: tuple(s) for n, s in shapes.items()}, run.fingerprint())
+    expected_m = backend.get_optimizer().exp_avg
+    scale = max(float(np.max(np.abs(expected_m[n]))) for n in names)
+    grad_err = max(float(np.max(np.abs(expected_m[n] - ours.optimizer.exp_avg[n]))) for n in names)
+    assert grad_err < 1e-5 * scale, (grad_err, scale)                   # fp32 noise
+    # The adapter: AdamW's first step is ~lr * sign(g), so gradients within fp32 noise of zero may flip a step.
     expected = backend.get_adapter()
     got = load_peft_adapter(peers.base / "a" / "adapter")
     worst = max(float(np.max(np.abs(expected[n] - got[n]))) for n in names)
-    # One AdamW step moves each weight by about lr; float32 noise in the gradients is far below that.
-    assert worst < 1e-3 * run.train.lr, worst
+    assert worst < 1e-2 * run.train.lr, worst
