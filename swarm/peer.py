@@ -22,7 +22,7 @@ from swarm.backends.base import OptimizerState, TrainResult
 from swarm.checkpoint import StateError, TrainingState
 from swarm.config import RunConfig, default_run, load_config
 from swarm.metrics import MetricsFile, Reporter
-from swarm.planner import RoundPlan, RunOption, choose_run, needs_replan, plan_round
+from swarm.planner import RoundPlan, RunOption, choose_run, plan_round
 from swarm.records import CapabilityAdvert, ProgressRecord, RunRecord
 from swarm.round import Pacer, RoundOutcome, average_round
 
@@ -71,8 +71,9 @@ class Peer:
         self.tokens_per_s = 0.0
         self.previous_round_seconds: float | None = None
         self.last_plan: RoundPlan | None = None
-        self.last_adverts: list[CapabilityAdvert] = []
         self.history: dict[int, str] = {}  # recent rounds -> this peer's adapter hash
+        self.speeds: dict[str, float] = {}  # peer -> smoothed full-speed tokens/s, from the group's shared measurements
+        self.last_speed = 0.0
         return self
 
     def _lock_output(self) -> None:
@@ -416,8 +417,10 @@ class Peer:
                 time.sleep(POLL)
                 return None
         mode = "uniform" if self.args.uniform else "negotiated"
-        if self.last_plan is not None and self.last_plan.round == rnd - 1 and not needs_replan(self.last_plan, adverts, rnd):
-            adverts = [a.model_copy(update={"start_round": min(a.start_round, rnd)}) for a in self.last_adverts]
+        # speeds every member of the last group measured and shared in its all-reduce: the same numbers on every
+        # member, fresher than adverts (which a peer refreshes every few seconds)
+        adverts = [a.model_copy(update={"throughput_tokens_per_s": self.speeds[a.peer_id]}) if a.peer_id in self.speeds
+                   else a for a in adverts]
         plan = plan_round(self.run, adverts, rnd, previous_round_seconds=self.previous_round_seconds, mode=mode)
         if plan.task_for(self.me) is None:
             ex = plan.exclusion_for(self.me)
@@ -425,7 +428,7 @@ class Peer:
                 raise SwarmError(f"this machine cannot train run {self.run.name!r}: {ex.detail}")
             time.sleep(POLL)
             return None
-        self.last_plan, self.last_adverts = plan, adverts
+        self.last_plan = plan
         self.round_started = time.monotonic()
         self.round_started_swarm = self.transport.now()
         return plan
@@ -441,9 +444,9 @@ class Peer:
                            max_utilization=self.args.max_utilization, stop=lambda: stop() or self.paused)
         result = self.backend.train(self.pacer)
         compute = result.seconds - self.pacer.slept
-        if result.tokens and compute > 0:
-            measured = result.tokens / compute
-            self.tokens_per_s = measured if not self.tokens_per_s else 0.5 * self.tokens_per_s + 0.5 * measured
+        self.last_speed = result.tokens / compute if result.tokens and compute > 0 else 0.0
+        if self.last_speed:
+            self.tokens_per_s = 0.5 * self.tokens_per_s + 0.5 * self.last_speed if self.tokens_per_s else self.last_speed
         return result
 
     # ------------------------------------------------------------------------------ average
@@ -463,7 +466,7 @@ class Peer:
             outcome = average_round(self.transport, train, names=self.names, shapes=self.shapes, round_=rnd,
                                     plan_id=plan.plan_id, group_size=len(plan.tasks),
                                     clip_norm=self.run.train.max_grad_norm, timeout=timeout, run=self.run.name,
-                                    wait_until=wait_until)
+                                    wait_until=wait_until, speed=self.last_speed)
             if outcome.ok or outcome.reason.startswith("not contributing") or self._swarm_round() >= rnd:
                 break
             if attempt + 1 < AVERAGE_ATTEMPTS:
@@ -474,6 +477,9 @@ class Peer:
     # ------------------------------------------------------------------------------ commit
     def commit(self, outcome: RoundOutcome, rnd: int) -> TrainingState:
         self.backend.apply_update(outcome.mean_grads)
+        for peer, speed in outcome.speeds.items():  # the same update on every member: they plan alike
+            old = self.speeds.get(peer)
+            self.speeds[peer] = speed if old is None else 0.5 * old + 0.5 * speed
         state = TrainingState(round=rnd, adapter=self.backend.get_adapter(), optimizer=self.backend.get_optimizer(),
                               fingerprint=self.fingerprint)
         with self._state_lock:

@@ -47,6 +47,12 @@ class Pacer:
                 return
             handed_out = now
             yield batch
+        if handed_out is not None and self.util < 1.0 and not self.cut_short:
+            # idle after the last micro-batch too, so the round as a whole computes at most F of the time
+            now = self.clock()
+            pause = min((now - handed_out) * (1.0 - self.util) / self.util, max(0.0, self.deadline - now))
+            self.sleep(pause)
+            self.slept += pause
 
 
 @dataclass
@@ -60,11 +66,12 @@ class RoundOutcome:
     members: list[str] = field(default_factory=list)
     reduce_seconds: float = 0.0
     slowest_seconds: float = 0.0              # the longest local training time in the group (adapts the deadline)
+    speeds: dict[str, float] = field(default_factory=dict)  # each member's measured full-speed tokens/s this round
 
 
 def average_round(transport: Transport, train: TrainResult, *, names: list[str], shapes: dict[str, tuple[int, ...]],
                   round_: int, plan_id: str, group_size: int, clip_norm: float, timeout: float,
-                  run: str, wait_until: float | None = None) -> RoundOutcome:
+                  run: str, wait_until: float | None = None, speed: float = 0.0) -> RoundOutcome:
     """All-reduce this peer's clipped, token-weighted gradient with the group; validate everything."""
     values = sum(int(np.prod(shapes[n])) for n in names)
     salt = new_salt()
@@ -73,7 +80,7 @@ def average_round(transport: Transport, train: TrainResult, *, names: list[str],
     except AveragingError as e:
         return RoundOutcome(ok=False, reason=f"not contributing: {e}")
     gather = {"peer": transport.peer_id, "round": round_, "tokens": train.tokens, "loss_sum": float(train.loss_sum),
-              "plan": plan_id, "salt": salt, "seconds": float(train.seconds)}
+              "plan": plan_id, "salt": salt, "seconds": float(train.seconds), "speed": float(speed)}
     if group_size <= 1:
         result_vec, gathered, seconds = vector, {transport.peer_id: gather}, 0.0
     else:
@@ -83,7 +90,7 @@ def average_round(transport: Transport, train: TrainResult, *, names: list[str],
         except TransportError as e:
             return RoundOutcome(ok=False, reason=str(e))
         result_vec, gathered, seconds = res.vector, res.gathered, res.seconds
-    members, tokens, loss, salts, slowest = [], 0, 0.0, 0, 0.0
+    members, tokens, loss, salts, slowest, speeds = [], 0, 0.0, 0, 0.0, {}
     for g in gathered.values():
         if not isinstance(g, dict) or g.get("round") != round_ or not isinstance(g.get("tokens"), int) \
                 or not isinstance(g.get("loss_sum"), float) or not math.isfinite(g["loss_sum"]) \
@@ -95,6 +102,8 @@ def average_round(transport: Transport, train: TrainResult, *, names: list[str],
         salts += g["salt"]
         if isinstance(g.get("seconds"), float) and math.isfinite(g["seconds"]):
             slowest = max(slowest, min(g["seconds"], 3600.0))
+        if isinstance(g.get("speed"), float) and math.isfinite(g["speed"]) and 0 < g["speed"] < 1e9:
+            speeds[str(g.get("peer"))] = g["speed"]
     try:
         avg = decode(result_vec, len(gathered), clip_norm, values=values, salt_sum=salts)
     except AveragingError as e:
@@ -103,4 +112,4 @@ def average_round(transport: Transport, train: TrainResult, *, names: list[str],
         return RoundOutcome(ok=False, reason=f"group says it trained {tokens} tokens but averaged {avg.tokens}")
     return RoundOutcome(ok=True, mean_grads=unflatten(avg.mean_grad, names, shapes), group_tokens=tokens,
                         group_size=len(gathered), group_loss=loss / tokens, members=sorted(members),
-                        reduce_seconds=seconds, slowest_seconds=slowest)
+                        reduce_seconds=seconds, slowest_seconds=slowest, speeds=speeds)

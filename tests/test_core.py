@@ -101,8 +101,8 @@ def test_pacer_keeps_compute_at_the_utilization(util):
     pacer = Pacer(range(10), deadline=1e9, max_utilization=util, clock=clock, sleep=clock.sleep)
     for _ in pacer:
         clock.t += 1.0  # one second of compute per micro-batch
-    assert clock.t == pytest.approx(10 + 9 * (1 - util) / util)
-    assert pacer.slept == pytest.approx(9 * (1 - util) / util)
+    assert clock.t == pytest.approx(10 / util)          # compute is exactly F of the round, last batch included
+    assert pacer.slept == pytest.approx(10 * (1 - util) / util)
 
 
 def test_pacer_stops_at_the_deadline_and_on_stop():
