@@ -152,7 +152,7 @@ def main() -> int:
         (out / "run.yaml").write_text(yaml.safe_dump(body))
         cfg = ["--config", str(out / "run.yaml")]
     try:
-        common = ["--max-rounds", str(args.rounds + 6), "--min-peers", "2", *cfg]
+        common = ["--max-rounds", str(args.rounds + 10), "--min-peers", "2", *cfg]
         procs.append(start_peer(out / "a", common))
         addrs = wait_addr(out / "a")
         procs.append(start_peer(out / "b", common + ["--initial-peers", *addrs]))

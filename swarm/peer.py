@@ -502,6 +502,7 @@ class Peer:
             "round": state.round, "peer": self.me, "loss": loss, "group_loss": outcome.group_loss, "tokens": train.tokens,
             "group_tokens": outcome.group_tokens, "group_size": outcome.group_size, "seconds": round(seconds, 4),
             "train_seconds": round(train.seconds, 4), "wait_seconds": round(outcome.reduce_seconds, 4),
+            "barrier_wait_seconds": round(outcome.barrier_wait, 4),
             "tokens_per_s": round(tps, 2), "backend": self.backend.name, "adapter_sha256": digest,
             "adapter_norm": float(np.sqrt(sum(float(np.sum(np.square(a, dtype=np.float64))) for a in state.adapter.values()))),
             "plan_id": plan.plan_id, "plan_round": plan.round, "plan_mode": plan.mode, "quota_tokens": task.quota_tokens,
@@ -535,8 +536,11 @@ class Peer:
         if finished:
             end = time.monotonic() + LINGER
             while time.monotonic() < end:
-                behind = [p for p in self.members.progress(self.run.name)
-                          if p.peer_id != self.me and p.state != "leaving" and p.round < state.round]
+                progress = {p.peer_id: p for p in self.members.progress(self.run.name)}
+                behind = [a for a in self.members.adverts(self.run.name)  # includes joiners with no round yet
+                          if a.peer_id != self.me and not a.paused and (
+                              a.peer_id not in progress or (progress[a.peer_id].state != "leaving"
+                                                            and progress[a.peer_id].round < state.round))]
                 if not behind:
                     break
                 time.sleep(0.5)

@@ -67,6 +67,7 @@ class RoundOutcome:
     reduce_seconds: float = 0.0
     slowest_seconds: float = 0.0              # the longest local training time in the group (adapts the deadline)
     speeds: dict[str, float] = field(default_factory=dict)  # each member's measured full-speed tokens/s this round
+    barrier_wait: float = 0.0                 # this peer's wait for the group's last member (swarm clock), no transfer
 
 
 def average_round(transport: Transport, train: TrainResult, *, names: list[str], shapes: dict[str, tuple[int, ...]],
@@ -80,7 +81,8 @@ def average_round(transport: Transport, train: TrainResult, *, names: list[str],
     except AveragingError as e:
         return RoundOutcome(ok=False, reason=f"not contributing: {e}")
     gather = {"peer": transport.peer_id, "round": round_, "tokens": train.tokens, "loss_sum": float(train.loss_sum),
-              "plan": plan_id, "salt": salt, "seconds": float(train.seconds), "speed": float(speed)}
+              "plan": plan_id, "salt": salt, "seconds": float(train.seconds), "speed": float(speed),
+              "arrived": float(transport.now())}
     if group_size <= 1:
         result_vec, gathered, seconds = vector, {transport.peer_id: gather}, 0.0
     else:
@@ -90,7 +92,7 @@ def average_round(transport: Transport, train: TrainResult, *, names: list[str],
         except TransportError as e:
             return RoundOutcome(ok=False, reason=str(e))
         result_vec, gathered, seconds = res.vector, res.gathered, res.seconds
-    members, tokens, loss, salts, slowest, speeds = [], 0, 0.0, 0, 0.0, {}
+    members, tokens, loss, salts, slowest, speeds, arrivals = [], 0, 0.0, 0, 0.0, {}, []
     for g in gathered.values():
         if not isinstance(g, dict) or g.get("round") != round_ or not isinstance(g.get("tokens"), int) \
                 or not isinstance(g.get("loss_sum"), float) or not math.isfinite(g["loss_sum"]) \
@@ -102,6 +104,8 @@ def average_round(transport: Transport, train: TrainResult, *, names: list[str],
         salts += g["salt"]
         if isinstance(g.get("seconds"), float) and math.isfinite(g["seconds"]):
             slowest = max(slowest, min(g["seconds"], 3600.0))
+        if isinstance(g.get("arrived"), float) and math.isfinite(g["arrived"]):
+            arrivals.append(g["arrived"])
         if isinstance(g.get("speed"), float) and math.isfinite(g["speed"]) and 0 < g["speed"] < 1e9:
             speeds[str(g.get("peer"))] = g["speed"]
     try:
@@ -112,4 +116,5 @@ def average_round(transport: Transport, train: TrainResult, *, names: list[str],
         return RoundOutcome(ok=False, reason=f"group says it trained {tokens} tokens but averaged {avg.tokens}")
     return RoundOutcome(ok=True, mean_grads=unflatten(avg.mean_grad, names, shapes), group_tokens=tokens,
                         group_size=len(gathered), group_loss=loss / tokens, members=sorted(members),
-                        reduce_seconds=seconds, slowest_seconds=slowest, speeds=speeds)
+                        reduce_seconds=seconds, slowest_seconds=slowest, speeds=speeds,
+                        barrier_wait=max(0.0, min(max(arrivals, default=0.0) - gather["arrived"], seconds)))
