@@ -119,7 +119,8 @@ def run_peer(args: argparse.Namespace, stop: StopFlag) -> int:
         while not stop() and (args.max_rounds is None or state.round < args.max_rounds):
             rnd = state.round + 1
             plan = peer.plan(rnd, stop)                                  # plan
-            if plan is None:
+            if plan is None:                     # waiting (peers, pause) or caught up with the swarm meanwhile
+                state = peer.state
                 continue
             train = peer.train(plan, rnd, stop)                          # train
             outcome = peer.average(plan, train, rnd)                     # average
