@@ -1,5 +1,7 @@
 """Background mode's decision is pure; the monitor sees real load from another process."""
 
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -30,16 +32,23 @@ def test_monitor_pauses_under_synthetic_load_from_another_process_and_resumes():
     changes = []
     mon = Monitor(Policy(busy_above=0.6, busy_for=2, quiet_below=0.45, quiet_for=2, pause_on_battery=False),
                   on_change=lambda paused, load, _: changes.append((paused, load)), period=0.5).start()
-    hog = subprocess.Popen([sys.executable, "-c", "import time\nend = time.time() + 20\nwhile time.time() < end: pass"])
-    hog2 = subprocess.Popen([sys.executable, "-c", "import time\nend = time.time() + 20\nwhile time.time() < end: pass"])
+    # the load must come from *other* processes: the monitor counts its own process tree as the peer's,
+    # so the hogs are started detached (a shell backgrounds them and exits: they are not our children)
+    spin = f"{sys.executable} -c 'import time\nend = time.time() + 20\nwhile time.time() < end: pass'"
+    out = subprocess.run(["sh", "-c", f"{spin} >/dev/null 2>&1 & echo $!; {spin} >/dev/null 2>&1 & echo $!"],
+                         capture_output=True, text=True, timeout=10).stdout
+    hogs = [int(x) for x in out.split()]
     try:
         end = time.monotonic() + 15
         while time.monotonic() < end and not mon.paused:
             time.sleep(0.2)
         assert mon.paused, list(mon.samples)
     finally:
-        hog.kill(), hog2.kill()
-        hog.wait(), hog2.wait()
+        for pid in hogs:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
     end = time.monotonic() + 15
     while time.monotonic() < end and mon.paused:
         time.sleep(0.2)
