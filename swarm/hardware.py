@@ -444,8 +444,8 @@ def _human(report: dict, console) -> None:
     console.print(f"[bold]device[/]    {hw['device']}")
     console.print(f"[bold]memory[/]    {_gb(hw['memory_usable_bytes'])} usable of {_gb(hw['memory_total_bytes'])}"
                   f"{' unified' if hw['unified_memory'] else ''}  ({hw['memory_reason']})")
-    console.print(f"[bold]bandwidth[/] " + (f"{bw / 1e9:.0f} GB/s ({hw['bandwidth_source']})" if bw else "unknown (not knowable without a measurement)"))
-    console.print(f"[bold]throughput[/] " + (f"{tput:,.0f} tokens/s LoRA step ({hw['throughput_note']})" if tput else hw["throughput_note"]))
+    console.print("[bold]bandwidth[/] " + (f"{bw / 1e9:.0f} GB/s ({hw['bandwidth_source']})" if bw else "unknown (not knowable without a measurement)"))
+    console.print("[bold]throughput[/] " + (f"{tput:,.0f} tokens/s LoRA step ({hw['throughput_note']})" if tput else hw["throughput_note"]))
     console.print(f"[bold]tier[/]      {hw['tier']}  ({TIERS[hw['tier']]})")
     if "methods" in report:
         b = report

@@ -13,11 +13,9 @@ import os
 import signal
 import sys
 import threading
-import time
-from pathlib import Path
 
+from swarm import SwarmError
 from swarm.cli import Parser
-from swarm import PROTOCOL_VERSION, SwarmError
 
 DEFAULT_OUTPUT = "swarm-output"
 

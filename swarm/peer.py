@@ -1,7 +1,8 @@
 """A peer's steps, one method each, in the order `swarm.join.run_peer` calls them.
 
 detect (create) -> connect -> initial_state -> start_advertising -> [plan -> train -> average ->
-commit | roll_back] -> leave -> close.
+commit | roll_back] -> leave -> close. Getting the swarm's state (resume, download, catch up, agree)
+is `swarm.sync.StateSync`, which Peer mixes in.
 """
 
 from __future__ import annotations
@@ -11,20 +12,20 @@ import fcntl
 import os
 import threading
 import time
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
-from swarm import PROTOCOL_VERSION, SwarmError, checkpoint
-from swarm.adapters import initial_adapter, save_mlx_adapter, save_peft_adapter
-from swarm.backends.base import OptimizerState, TrainResult
-from swarm.checkpoint import StateError, TrainingState
+from swarm import PROTOCOL_VERSION, SwarmError
+from swarm.adapters import save_mlx_adapter, save_peft_adapter
+from swarm.backends.base import TrainResult
+from swarm.checkpoint import TrainingState
 from swarm.config import RunConfig, default_run, load_config
 from swarm.metrics import MetricsFile, Reporter
 from swarm.planner import RoundPlan, RunOption, choose_run, plan_round
 from swarm.records import CapabilityAdvert, ProgressRecord, RunRecord
 from swarm.round import Pacer, RoundOutcome, average_round
+from swarm.sync import StateSync
 
 ADVERT_PERIOD = 5.0
 POLL = 0.2
@@ -46,7 +47,7 @@ def route_swarm_logs(log_file: Path) -> None:
         lg.setLevel(logging.INFO)
 
 
-class Peer:
+class Peer(StateSync):
     # ------------------------------------------------------------------------------ detect
     @classmethod
     def create(cls, args: argparse.Namespace) -> "Peer":
@@ -248,74 +249,6 @@ class Peer:
                 for k in st.keys():
                     yield st.get_slice(k).get_shape()
 
-    # ------------------------------------------------------------------------------ state
-    def _serve_state(self):
-        with self._state_lock:
-            if self.state is None:
-                return None, []
-            return self.state.to_wire()
-
-    def _set_state(self, state: TrainingState) -> TrainingState:
-        self.backend.set_adapter(state.adapter)
-        self.backend.set_optimizer(state.optimizer)
-        with self._state_lock:
-            self.state = state
-        return state
-
-    def initial_state(self, stop) -> TrainingState:
-        """Resume from this peer's checkpoint, start fresh, or download the swarm's current state."""
-        local = checkpoint.load(self.out / "checkpoint", self.shapes, self.fingerprint)
-        swarm_round = self._swarm_round()
-        if swarm_round == 0 or (local is not None and local.round >= swarm_round):
-            if local is not None:
-                self.log.say(f"resuming from checkpoint (round {local.round}, adapter {local.adapter_sha256[:12]})")
-                state = local
-            else:
-                state = TrainingState(round=0, adapter=initial_adapter(self.shapes, self.args.seed),
-                                      optimizer=OptimizerState(step=0), fingerprint=self.fingerprint)
-            self.start_round = state.round + 1
-            return self._set_state(state)
-        self._set_state(local or TrainingState(round=0, adapter=self.backend.get_adapter(), optimizer=OptimizerState(step=0),
-                                               fingerprint=self.fingerprint))
-        return self.catch_up(stop, f"the swarm is at round {swarm_round}")
-
-    def _swarm_round(self) -> int:
-        # leaving peers count too: their round was reached, so state older than it is stale
-        return max((p.round for p in self.members.progress(self.run.name) if p.peer_id != self.me), default=0)
-
-    def catch_up(self, stop, why: str) -> TrainingState:
-        """Announce the round we will join at, wait for the swarm to reach it, download and verify its state."""
-        target = self._swarm_round() + 1                 # the state we need: after the round now in progress
-        if self.args.max_rounds is not None:
-            target = min(target, self.args.max_rounds)   # the swarm ends there: take its final state
-        self.start_round = target + 1
-        self._advertise()
-        self.log.say(f"{why}: joining at round {self.start_round}, downloading state after round {target}")
-        backoff, deadline = 0.5, time.monotonic() + max(120.0, 4 * self.run.averaging.round_timeout)
-        while not stop() and time.monotonic() < deadline:
-            if self._swarm_round() < target:
-                time.sleep(POLL)
-                continue
-            got = self.transport.download_state(timeout=10.0)
-            if got is None:
-                self.log.warn(f"no peer could serve its state yet; retrying in {backoff:.1f}s")
-            else:
-                try:
-                    state = TrainingState.from_wire(got[0], got[1], self.shapes, self.fingerprint, source="a peer")
-                except StateError as e:
-                    self.log.warn(f"rejected downloaded state: {e}")
-                else:
-                    if state.round >= target:
-                        self.start_round = state.round + 1
-                        self._advertise()
-                        self.log.say(f"downloaded state of round {state.round} (adapter {state.adapter_sha256[:12]})")
-                        return self._set_state(state)
-            time.sleep(backoff)
-            backoff = min(backoff * 2, 8.0)
-        if stop():
-            return self.state
-        raise SwarmError("could not get the swarm's state: no live peer served a verified copy in time")
-
     # ------------------------------------------------------------------------------ advertise
     def _advert(self) -> CapabilityAdvert:
         return CapabilityAdvert(
@@ -367,24 +300,6 @@ class Peer:
     def adverts(self) -> list[CapabilityAdvert]:
         mine = self._advert()
         return [a for a in self.members.adverts(self.run.name) if a.peer_id != self.me] + [mine]
-
-    def disagreement(self) -> int | None:
-        """The latest recent round where this peer's adapter is not the swarm's (majority; ties: smallest hash).
-
-        Only peers of the same framework vote: torch and MLX peers agree within float tolerance, not bit for bit.
-        """
-        votes: dict[int, Counter] = {}
-        for p in self.members.progress(self.run.name):
-            if p.peer_id != self.me and p.state != "leaving" and p.backend == self.backend.name:
-                for r, h in p.history.items():
-                    votes.setdefault(int(r), Counter())[h] += 1
-        for r in sorted(self.history, reverse=True):
-            if r in votes:
-                c = votes[r] + Counter({self.history[r]: 1})
-                winner = sorted(c.items(), key=lambda kv: (-kv[1], kv[0]))[0][0]
-                if winner != self.history[r]:
-                    return r
-        return None
 
     def verify_run(self) -> None:
         """The swarm's record of this run (the oldest wins) must still be ours: else this peer is in the wrong swarm."""

@@ -14,7 +14,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from swarm.averaging import AveragingError, decode, encode, flatten, new_salt, unflatten
-from swarm.backends.base import Backend, TrainResult
+from swarm.backends.base import TrainResult
 from swarm.transport.base import Transport, TransportError
 
 

@@ -10,7 +10,6 @@ per run the plan every peer derives for its next round. `--json` prints the same
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time

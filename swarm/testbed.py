@@ -7,7 +7,6 @@ Writes DIR/summary.json; exits 0 only if every peer succeeded and all final adap
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import signal
