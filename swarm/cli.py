@@ -10,5 +10,5 @@ class Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line on stderr (and exit 2), not a usage block."""
 
     def error(self, message: str):
-        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
+        print(f"{self.prog.removeprefix('python -m ')}: error: {message} (see --help)", file=sys.stderr)
         sys.exit(2)

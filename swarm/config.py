@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from swarm import SwarmError
 
@@ -94,11 +94,6 @@ class RunConfig(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     averaging: AveragingConfig = Field(default_factory=AveragingConfig)
-
-    @field_validator("name")
-    @classmethod
-    def _no_dots_only(cls, v: str) -> str:
-        return v
 
     def fingerprint(self) -> str:
         """Hash of what must match across peers (model choice, adapter shape, optimizer)."""

@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from swarm import SwarmError
+from swarm.cli import Parser
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -389,12 +390,6 @@ def breakdown(hw: HardwareProfile, shape, seq_len: int, micro_batch: int, lora_r
             "lora_targets": list(normalize_targets(targets)), "methods": methods}
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, no usage dump
-        print(f"swarm.hardware: error: {message}", file=sys.stderr)
-        raise SystemExit(2)
-
-
 def _positive_float(text: str) -> float:
     try:
         v = float(text)
@@ -418,7 +413,7 @@ def _positive_int(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from swarm.config import TrainConfig
 
-    p = _Parser(prog="python -m swarm.hardware", description="What is this machine, and what can it train?")
+    p = Parser(prog="python -m swarm.hardware", description="What is this machine, and what can it train?")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     p.add_argument("--memory-limit", type=_positive_float, metavar="GB", help="cap the memory the swarm may use, in GB of 2^30 bytes (how RAM is sold: a '16 GB' Mac has 16 GiB)")
     g = p.add_mutually_exclusive_group()

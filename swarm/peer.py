@@ -25,10 +25,9 @@ from swarm.metrics import MetricsFile, Reporter
 from swarm.planner import RoundPlan, RunOption, choose_run, plan_round
 from swarm.records import CapabilityAdvert, ProgressRecord, RunRecord
 from swarm.round import Pacer, RoundOutcome, average_round
-from swarm.sync import StateSync
+from swarm.sync import POLL, StateSync
 
 ADVERT_PERIOD = 5.0
-POLL = 0.2
 AVERAGE_ATTEMPTS = 3     # all-reduce attempts per round with the same trained contribution
 LINGER = 20.0            # a peer that finished the run serves its final state this long to peers still behind
 RUN_RECORD_WAIT = 15.0  # a joiner waits this long for the swarm's run records (the creator may still be starting)
