@@ -16,12 +16,21 @@ CHECK_EVERY values a "check lane" carries this peer's random salt (announced in 
 gather); after averaging, every lane must decode to exactly the sum of the group's salts. A
 chunk that was not averaged, or averaged without a member, fails that test and the round is
 rolled back. Values not within 0.25 of an integer (a lossy reduction) fail too.
+
+Untrusted senders: every reducer checks each part it receives against what its sender announced
+(`check_part`: finite, integers, its salt in the check lanes, its token count, the clip bound).
+A sender that fails is not dropped silently: from that part on the reducer sums a **rejection
+marker** in its place (zeros, and minus its salt in the check lanes). Every member then reads the
+group's verdict from the lanes (`attribute`): a lane is sum(c_i * salt_i) / d with c_i = +1
+(included), -1 (rejected for cause) or 0 (did not deliver), so each member names the same offenders
+from the same averaged vector and retries the round without them.
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -96,6 +105,12 @@ def encode(mean_grad: np.ndarray, tokens: int, clip_norm: float, salt: int = 1) 
 class Averaged:
     mean_grad: np.ndarray  # float64, token-weighted mean of the group's clipped gradients
     tokens: int            # total tokens trained by the group
+    checksum: int = 0      # linear checksum of the exact integer sum (see `checksum`)
+
+
+def data_values(vector: np.ndarray, values: int) -> np.ndarray:
+    """The gradient values of an encoded vector (no check lanes, no token count, no padding)."""
+    return np.asarray(vector[:-1]).reshape(-1, CHECK_EVERY + 1)[:, :CHECK_EVERY].reshape(-1)[:values]
 
 
 def decode(averaged: np.ndarray, group_size: int, clip_norm: float, values: int | None = None,
@@ -132,4 +147,137 @@ def decode(averaged: np.ndarray, group_size: int, clip_norm: float, values: int 
     norm = float(np.sqrt(np.dot(mean, mean)))
     if norm > clip_norm * (1 + 1e-6):  # a mean of vectors of norm <= clip has norm <= clip
         raise AveragingError(f"averaged gradient norm {norm:.3g} exceeds the clip bound {clip_norm}: a contribution was out of bounds")
-    return Averaged(mean_grad=mean, tokens=tokens)
+    return Averaged(mean_grad=mean, tokens=tokens, checksum=checksum(data))
+
+
+# --- untrusted senders ------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Expect:
+    """What a sender announced in the gather: every part it sends must agree with it."""
+    tokens: int
+    salt: int
+    clip_norm: float
+
+    @property
+    def bound(self) -> float:
+        """Largest L2 norm of an honest encoded contribution: clip x tokens x 2^F, plus rounding."""
+        return self.clip_norm * self.tokens * 2.0 ** frac_bits(self.clip_norm) + 0.5 * math.sqrt(MAX_VALUES) + 1.0
+
+
+MAX_VALUES = 1 << 32  # rounding slack in `Expect.bound` (0.5 per value) for any vector we can hold
+
+
+def _positions(start: int, length: int, total: int) -> tuple[np.ndarray, np.ndarray]:
+    """Masks, within the part [start, start+length) of a vector of `total`: check lanes, token count."""
+    idx = np.arange(start, start + length)
+    token = idx == total - 1
+    lane = ((idx % (CHECK_EVERY + 1)) == CHECK_EVERY) & ~token
+    return lane, token
+
+
+def check_part(part: np.ndarray, start: int, total: int, expect: Expect | None, sumsq: float) -> tuple[str | None, float]:
+    """Why this sender's part [start, start+len) is not an honest encoding, or None; and the running
+    sum of squares of its data values (the norm bound holds for the whole contribution)."""
+    if expect is None:
+        return "announced no valid token count and salt", sumsq
+    if not np.all(np.isfinite(part)):
+        return "its gradient contains NaN or inf", sumsq
+    if not np.all(part == np.rint(part)):
+        return "its values are not the swarm's fixed-point integers", sumsq
+    lane, token = _positions(start, len(part), total)
+    if np.any(part[lane] != float(expect.salt)):
+        return "its check lanes do not carry the salt it announced", sumsq
+    if np.any(part[token] != float(expect.tokens)):
+        return f"its vector says {int(part[token][0])} tokens, it announced {expect.tokens}", sumsq
+    data = part[~(lane | token)]
+    sumsq += float(np.dot(data, data))
+    norm = math.sqrt(sumsq)
+    if norm > expect.bound:
+        return f"its gradient norm is at least {norm / expect.bound:.3g} x the clip bound", sumsq
+    return None, sumsq
+
+
+def marker_part(length: int, start: int, total: int, salt: int) -> np.ndarray:
+    """What a reducer sums instead of a rejected sender's part: zeros, minus its salt in the check lanes."""
+    out = np.zeros(length)
+    lane, _ = _positions(start, length, total)
+    out[lane] = -float(salt)
+    return out
+
+
+@dataclass
+class Verdict:
+    rejected: list[int] = field(default_factory=list)  # members some reducer rejected for cause (c = -1)
+    absent: list[int] = field(default_factory=list)    # members some reducer did not get (c = 0): died or too slow
+    failed_chunks: int = 0                             # chunks nobody reduced (this peer kept its own values)
+    unexplained: int = 0                               # lanes no combination explains
+
+    @property
+    def clean(self) -> bool:
+        return not (self.rejected or self.absent or self.failed_chunks or self.unexplained)
+
+
+def _candidates(n: int, me: int):
+    """Coefficient vectors to try, most likely first: everyone, one member off, two off, only me."""
+    yield (1,) * n
+    for j in range(n):
+        for c in (-1, 0):
+            yield tuple(c if i == j else 1 for i in range(n))
+    if n <= 16:
+        for j in range(n):
+            for k in range(j + 1, n):
+                for cj in (-1, 0):
+                    for ck in (-1, 0):
+                        yield tuple(cj if i == j else ck if i == k else 1 for i in range(n))
+    yield tuple(1 if i == me else 0 for i in range(n))
+
+
+def attribute(averaged: np.ndarray, salts: list[int], me: int) -> Verdict:
+    """Read, from the check lanes of an equal-weight average, which members each chunk included (+1),
+    rejected (-1) or missed (0). `salts` in member order, `me` = this peer's index."""
+    n = len(salts)
+    v = np.asarray(averaged, dtype=np.float64)
+    verdict = Verdict()
+    if n == 0 or (len(v) - 1) % (CHECK_EVERY + 1):
+        verdict.unexplained = 1
+        return verdict
+    lanes = v[:-1].reshape(-1, CHECK_EVERY + 1)[:, CHECK_EVERY]
+    rejected, absent = set(), set()
+    for value in np.unique(lanes):
+        for c in _candidates(n, me):
+            d = sum(1 for x in c if x)
+            if d and math.isfinite(value) and abs(value * d - sum(x * s for x, s in zip(c, salts))) < 0.25:
+                if c == (1,) * n:
+                    pass
+                elif n > 1 and c == tuple(1 if i == me else 0 for i in range(n)):
+                    verdict.failed_chunks += 1
+                else:
+                    rejected.update(i for i, x in enumerate(c) if x == -1)
+                    absent.update(i for i, x in enumerate(c) if x == 0)
+                break
+        else:
+            verdict.unexplained += 1
+    verdict.rejected, verdict.absent = sorted(rejected), sorted(absent - rejected)
+    return verdict
+
+
+_CHECKSUM_P = (1 << 31) - 1
+
+
+@functools.lru_cache(maxsize=4)
+def _checksum_weights(n: int) -> np.ndarray:
+    return np.random.default_rng(20261122).integers(1, _CHECKSUM_P, size=n, dtype=np.int64)
+
+
+def checksum(integers: np.ndarray) -> int:
+    """A linear checksum of an integer vector: checksum(a + b) = checksum(a) + checksum(b) mod 2^31-1.
+
+    Metrics record it for this peer's contribution and for the group's sum, so anyone can verify
+    from metrics alone that a round applied exactly the sum of the contributions of its members."""
+    q = np.mod(np.asarray(integers, dtype=np.float64), _CHECKSUM_P).astype(np.int64)
+    return int(np.sum((q * _checksum_weights(len(q))) % _CHECKSUM_P) % _CHECKSUM_P)
+
+
+def add_checksums(values: list[int]) -> int:
+    return sum(values) % _CHECKSUM_P

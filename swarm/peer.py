@@ -29,6 +29,7 @@ from swarm.sync import POLL, StateSync
 
 ADVERT_PERIOD = 5.0
 AVERAGE_ATTEMPTS = 3     # all-reduce attempts per round with the same trained contribution
+BAN_ROUNDS = 10          # a peer whose contribution was rejected sits out this many rounds (doubling on repeats)
 LINGER = 20.0            # a peer that finished the run serves its final state this long to peers still behind
 RUN_RECORD_WAIT = 15.0  # a joiner waits this long for the swarm's run records (the creator may still be starting)
 
@@ -74,6 +75,8 @@ class Peer(StateSync):
         self.history: dict[int, str] = {}  # recent rounds -> this peer's adapter hash
         self.speeds: dict[str, float] = {}  # peer -> smoothed full-speed tokens/s, from the group's shared measurements
         self.last_speed = 0.0
+        self.banned: dict[str, int] = {}    # peer -> last round it is excluded from (its contribution was rejected)
+        self.strikes: dict[str, int] = {}
         return self
 
     def _lock_output(self) -> None:
@@ -109,7 +112,8 @@ class Peer(StateSync):
 
         self.transport.open_averaging(run=self.run.name, vector_size=vector_size(self.vector_size),
                                       matchmaking_time=self.run.averaging.matchmaking_time,
-                                      allreduce_timeout=self.run.averaging.allreduce_timeout)
+                                      allreduce_timeout=self.run.averaging.allreduce_timeout,
+                                      clip_norm=self.run.train.max_grad_norm)
         self.transport.serve_state(self._serve_state)
         self.metrics = MetricsFile(self.out / "metrics.jsonl")
 
@@ -296,9 +300,23 @@ class Peer(StateSync):
         self._advertiser.start()
 
     # ------------------------------------------------------------------------------ plan
-    def adverts(self) -> list[CapabilityAdvert]:
+    def adverts(self, rnd: int | None = None) -> list[CapabilityAdvert]:
+        """Live adverts of this run; peers excluded for round `rnd` (rejected contributions) left out."""
         mine = self._advert()
-        return [a for a in self.members.adverts(self.run.name) if a.peer_id != self.me] + [mine]
+        return [a for a in self.members.adverts(self.run.name) if a.peer_id != self.me
+                and (rnd is None or self.banned.get(a.peer_id, 0) < rnd)] + [mine]
+
+    def exclude(self, offenders: dict[str, str], rnd: int) -> None:
+        """Members whose contribution the group rejected sit out: refused in matchmaking, left out of plans."""
+        for peer, why in offenders.items():
+            if peer == self.me:
+                self.log.warn(f"the group rejected this peer's contribution: {why}", rnd)
+                continue
+            self.strikes[peer] = self.strikes.get(peer, 0) + 1
+            self.banned[peer] = rnd + BAN_ROUNDS * 2 ** (self.strikes[peer] - 1) - 1
+            self.log.warn(f"rejected the contribution of peer {peer}: {why}; going on without it "
+                          f"(excluded through round {self.banned[peer]})", rnd)
+        self.transport.ban({p for p, last in self.banned.items() if last >= rnd})
 
     def verify_run(self) -> None:
         """The swarm's record of this run (the oldest wins) must still be ours: else this peer is in the wrong swarm."""
@@ -321,7 +339,10 @@ class Peer(StateSync):
             self.history.clear()
             self.catch_up(stop, f"this peer's adapter after round {bad} differs from the swarm's")
             return None
-        adverts = self.adverts()
+        adverts = self.adverts(rnd)
+        if self.banned and any(last < rnd for last in self.banned.values()):
+            self.banned = {p: last for p, last in self.banned.items() if last >= rnd}
+            self.transport.ban(set(self.banned))
         if rnd == 1 and self.args.min_peers > 1:
             ready = [a for a in adverts if not a.paused and a.start_round <= 1]
             if len(ready) < self.args.min_peers:
@@ -377,14 +398,18 @@ class Peer(StateSync):
         outcome = None
         for attempt in range(AVERAGE_ATTEMPTS):
             timeout = max(wait_until - self.transport.now(), 0.0) + 2 * mm + 5.0
+            group = [t.peer_id for t in plan.tasks if t.peer_id == self.me or self.banned.get(t.peer_id, 0) < rnd]
             outcome = average_round(self.transport, train, names=self.names, shapes=self.shapes, round_=rnd,
-                                    plan_id=plan.plan_id, group_size=len(plan.tasks),
+                                    plan_id=plan.plan_id, group_size=len(group),
                                     clip_norm=self.run.train.max_grad_norm, timeout=timeout, run=self.run.name,
                                     wait_until=wait_until, speed=self.last_speed)
+            if outcome.offenders:
+                self.exclude(outcome.offenders, rnd)
             if outcome.ok or outcome.reason.startswith("not contributing") or self._swarm_round() >= rnd:
                 break
             if attempt + 1 < AVERAGE_ATTEMPTS:
-                self.log.warn(f"averaging failed ({outcome.reason}); retrying with the same contribution", rnd)
+                self.log.warn(("retrying without it" if set(outcome.offenders) - {self.me} else
+                               f"averaging failed ({outcome.reason}); retrying") + " with the same contribution", rnd)
                 wait_until = self.transport.now() + 2 * mm
         return outcome
 
@@ -422,6 +447,8 @@ class Peer(StateSync):
             "plan_id": plan.plan_id, "plan_round": plan.round, "plan_mode": plan.mode, "quota_tokens": task.quota_tokens,
             "micro_batch": task.micro_batch, "accumulation_steps": task.accumulation_steps,
             "deadline_seconds": round(plan.deadline_seconds, 3), "cut_short": self.pacer.cut_short, "time": time.time(),
+            "members": outcome.members, "contribution_checksum": outcome.contribution_checksum,
+            "sum_checksum": outcome.sum_checksum, "excluded": sorted(p for p, last in self.banned.items() if last >= state.round),
         })
         self.members.report(self.run.name, ProgressRecord(
             peer_id=self.me, round=state.round, adapter_sha256=digest, loss=loss, tokens_per_s=tps,

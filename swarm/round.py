@@ -13,7 +13,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from swarm.averaging import AveragingError, decode, encode, flatten, new_salt, unflatten
+from swarm.averaging import AveragingError, attribute, checksum, data_values, decode, encode, flatten, new_salt, unflatten
 from swarm.backends.base import TrainResult
 from swarm.transport.base import Transport, TransportError
 
@@ -68,6 +68,9 @@ class RoundOutcome:
     slowest_seconds: float = 0.0              # the longest local training time in the group (adapts the deadline)
     speeds: dict[str, float] = field(default_factory=dict)  # each member's measured full-speed tokens/s this round
     barrier_wait: float = 0.0                 # this peer's wait for the group's last member (swarm clock), no transfer
+    offenders: dict[str, str] = field(default_factory=dict)  # members whose contribution was rejected: why
+    contribution_checksum: int | None = None  # linear checksum of this peer's encoded contribution
+    sum_checksum: int | None = None           # ... of the exact integer sum the group applied
 
 
 def average_round(transport: Transport, train: TrainResult, *, names: list[str], shapes: dict[str, tuple[int, ...]],
@@ -80,6 +83,7 @@ def average_round(transport: Transport, train: TrainResult, *, names: list[str],
         vector = encode(flatten(train.grads, names) if train.tokens else np.zeros(values), train.tokens, clip_norm, salt)
     except AveragingError as e:
         return RoundOutcome(ok=False, reason=f"not contributing: {e}")
+    mine = checksum(data_values(vector, values))
     gather = {"peer": transport.peer_id, "round": round_, "tokens": train.tokens, "loss_sum": float(train.loss_sum),
               "plan": plan_id, "salt": salt, "seconds": float(train.seconds), "speed": float(speed),
               "arrived": float(transport.now())}
@@ -90,15 +94,17 @@ def average_round(transport: Transport, train: TrainResult, *, names: list[str],
             res = transport.all_reduce(vector, group_key=f"{run}.r{round_}", group_size=group_size, gather=gather,
                                        timeout=timeout, wait_until=wait_until)
         except TransportError as e:
-            return RoundOutcome(ok=False, reason=str(e))
+            return RoundOutcome(ok=False, reason=str(e), contribution_checksum=mine)
         result_vec, gathered, seconds = res.vector, res.gathered, res.seconds
     members, tokens, loss, salts, slowest, speeds, arrivals = [], 0, 0.0, 0, 0.0, {}, []
-    for g in gathered.values():
-        if not isinstance(g, dict) or g.get("round") != round_ or not isinstance(g.get("tokens"), int) \
+    for peer, g in sorted(gathered.items()):
+        if not isinstance(g, dict) or g.get("peer") != peer or g.get("round") != round_ \
+                or type(g.get("tokens")) is not int or not 0 <= g["tokens"] <= 1 << 20 \
                 or not isinstance(g.get("loss_sum"), float) or not math.isfinite(g["loss_sum"]) \
-                or not isinstance(g.get("salt"), int) or not 0 < g["salt"] < 1 << 40:
-            return RoundOutcome(ok=False, reason=f"a group member sent bad round metadata: {str(g)[:120]}")
-        members.append(str(g.get("peer")))
+                or type(g.get("salt")) is not int or not 0 < g["salt"] < 1 << 40:
+            why = f"it sent bad round metadata: {str(g)[:120]}"
+            return RoundOutcome(ok=False, reason=f"peer {peer}: {why}", offenders={peer: why}, contribution_checksum=mine)
+        members.append(peer)
         tokens += g["tokens"]
         loss += g["loss_sum"]
         salts += g["salt"]
@@ -111,10 +117,28 @@ def average_round(transport: Transport, train: TrainResult, *, names: list[str],
     try:
         avg = decode(result_vec, len(gathered), clip_norm, values=values, salt_sum=salts)
     except AveragingError as e:
-        return RoundOutcome(ok=False, reason=str(e))
+        return _explain(e, result_vec, members, gathered, transport.peer_id, res.rejections if group_size > 1 else {}, mine)
     if avg.tokens != tokens:
-        return RoundOutcome(ok=False, reason=f"group says it trained {tokens} tokens but averaged {avg.tokens}")
+        return RoundOutcome(ok=False, reason=f"group says it trained {tokens} tokens but averaged {avg.tokens}",
+                            contribution_checksum=mine)
     return RoundOutcome(ok=True, mean_grads=unflatten(avg.mean_grad, names, shapes), group_tokens=tokens,
-                        group_size=len(gathered), group_loss=loss / tokens, members=sorted(members),
+                        group_size=len(gathered), group_loss=loss / tokens, members=members,
                         reduce_seconds=seconds, slowest_seconds=slowest, speeds=speeds,
-                        barrier_wait=max(0.0, min(max(arrivals, default=0.0) - gather["arrived"], seconds)))
+                        barrier_wait=max(0.0, min(max(arrivals, default=0.0) - gather["arrived"], seconds)),
+                        contribution_checksum=mine, sum_checksum=avg.checksum)
+
+
+def _explain(error: AveragingError, averaged: np.ndarray, members: list[str], gathered: dict, me: str,
+             rejections: dict[str, str], mine: int) -> RoundOutcome:
+    """The averaged vector is not a clean sum: read from its check lanes which members were rejected
+    (named, with this peer's own reducer's reason where it has one) or missing."""
+    verdict = attribute(averaged, [gathered[m]["salt"] for m in members], members.index(me) if me in members else -1)
+    offenders = {members[i]: rejections.get(members[i], "another member's checks rejected its contribution")
+                 for i in verdict.rejected}
+    if offenders:
+        named = "; ".join(f"peer {p}: {why}" for p, why in offenders.items())
+        return RoundOutcome(ok=False, reason=f"contribution rejected ({named})", offenders=offenders, contribution_checksum=mine)
+    if verdict.absent:
+        missing = ", ".join(members[i] for i in verdict.absent)
+        return RoundOutcome(ok=False, reason=f"{error} (missing: {missing})", contribution_checksum=mine)
+    return RoundOutcome(ok=False, reason=str(error), contribution_checksum=mine)

@@ -210,8 +210,13 @@ class Testbed:
                 "max_rounds": self.args.max_rounds}
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt  # SIGTERM (e.g. from `timeout`) stops the peers like Ctrl-C does, never orphans them
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         bed = Testbed(args)
     except SwarmError as e:

@@ -60,10 +60,13 @@ class Peers:
         self.base = base
         self.procs: dict[str, subprocess.Popen] = {}
 
-    def start(self, name: str, *args: str, initial_peers: list[str] | None = None) -> subprocess.Popen:
+    def start(self, name: str, *args: str, initial_peers: list[str] | None = None,
+              program: list[str] | None = None) -> subprocess.Popen:
+        """`program`: what runs instead of `python -m swarm.join` (e.g. a hostile peer script), same arguments."""
         out = self.base / name
         out.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "swarm.join", "--host", "127.0.0.1", "--output", str(out), "--threads", "1", *args]
+        cmd = [sys.executable, *(program or ["-m", "swarm.join"]), "--host", "127.0.0.1", "--output", str(out),
+               "--threads", "1", *args]
         if initial_peers:
             cmd += ["--initial-peers", *initial_peers]
         log = open(out / "log.txt", "w")

@@ -6,7 +6,7 @@ transport and an in-memory one for unit tests can sit beside it: the training lo
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
 import numpy as np
@@ -26,8 +26,9 @@ class Record:
 @dataclass
 class ReduceResult:
     vector: np.ndarray                   # the averaged vector (float64)
-    gathered: dict[str, Any]             # what every group member passed as `gather`, by transport peer id
+    gathered: dict[str, Any]             # what every group member passed as `gather`, by its (verified) swarm peer id
     seconds: float                       # wall time of matchmaking + all-reduce
+    rejections: dict[str, str] = field(default_factory=dict)  # members whose parts this peer's reducer rejected: why
 
 
 StateProvider = Callable[[], tuple[dict, list[np.ndarray]]]
@@ -51,6 +52,9 @@ class Transport(Protocol):
                    timeout: float, wait_until: float | None = None) -> ReduceResult:
         """Average `vector` (equal weights) with the peers calling it with the same group_key: wait for
         missing members until `wait_until` (swarm time), at once when `group_size` are there."""
+
+    def ban(self, peer_ids: set[str]) -> None:
+        """Refuse to average with these peers (replaces the previous set)."""
 
     def serve_state(self, provider: StateProvider) -> None:
         """Let joining peers download (metadata, tensors) from this peer."""

@@ -5,6 +5,7 @@ This is the only module of swarm that imports hivemind.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import os
@@ -19,16 +20,43 @@ import torch
 
 import hivemind
 from hivemind.averaging import DecentralizedAverager
-from hivemind.compression import NoCompression
+from hivemind.averaging.allreduce import AllReduceRunner, AveragingMode
+from hivemind.averaging.partition import BannedException, TensorPartReducer
+from hivemind.compression import NoCompression, deserialize_torch_tensor, serialize_torch_tensor
 from hivemind.dht.crypto import RSASignatureValidator
-from hivemind.utils.crypto import RSAPrivateKey
+from hivemind.p2p import P2P, PeerID
+from hivemind.proto import averaging_pb2
+from hivemind.utils import MSGPackSerializer
+from hivemind.utils.asyncio import amap_in_executor, as_aiter, azip
+from hivemind.utils.crypto import RSAPrivateKey, RSAPublicKey
 from hivemind.utils.timed_storage import ValueWithExpiration
 
 from swarm import SwarmError
+from swarm.averaging import Expect, check_part, marker_part
 from swarm.transport.base import Record, ReduceResult, StateProvider, TransportError
 
 ALL_INTERFACES = ("0.0.0.0", "::")
 GROUP_BITS = 16
+MAX_MESSAGE_BYTES = 32 << 20  # largest message any peer may send us: parts are 512 KiB, state chunks 4 MiB
+_log = logging.getLogger("hivemind.swarm")
+
+
+class OversizedMessage(Exception):
+    pass
+
+
+async def _receive_raw_data(reader) -> bytes:
+    """hivemind reads a streamed message's 8-byte length and then that many bytes, whatever the length:
+    a peer could make us buffer gigabytes. Refuse anything over MAX_MESSAGE_BYTES before reading it."""
+    header = await reader.readexactly(P2P.HEADER_LEN)
+    length = int.from_bytes(header, P2P.BYTEORDER)
+    if length > MAX_MESSAGE_BYTES:
+        _log.warning("refused a %d-byte message (limit %d bytes) before reading it", length, MAX_MESSAGE_BYTES)
+        raise OversizedMessage(f"message of {length} bytes exceeds the limit of {MAX_MESSAGE_BYTES}")
+    return await reader.readexactly(length)
+
+
+P2P.receive_raw_data = staticmethod(_receive_raw_data)  # before any DHT/averager process forks
 
 
 def route_hivemind_logs(log_file: Path | None) -> None:
@@ -73,10 +101,115 @@ def load_identity(path: Path | None) -> RSAPrivateKey:
     return key
 
 
+def _announced(gathered_bytes: bytes) -> dict:
+    """A member's own gather (our signed wrapper), as hivemind relays it; {} if unreadable."""
+    try:
+        _, _, user = MSGPackSerializer.loads(gathered_bytes)
+        wrapper = MSGPackSerializer.loads(user)
+        return wrapper.get("g", {}) if isinstance(wrapper, dict) and isinstance(wrapper.get("g"), dict) else {}
+    except Exception:
+        return {}
+
+
+def _expect(g: dict, clip_norm: float) -> Expect | None:
+    tokens, salt = g.get("tokens"), g.get("salt")
+    if type(tokens) is not int or type(salt) is not int or not 0 <= tokens <= 1 << 20 or not 0 < salt < 1 << 40:
+        return None
+    return Expect(tokens=tokens, salt=salt, clip_norm=clip_norm)
+
+
+class _CheckedReducer(TensorPartReducer):
+    """A reducer that checks every sender's part against what it announced before summing it.
+
+    A sender whose part fails is named in the log and, from that part on, represented by a rejection
+    marker (see `swarm.averaging`): every member reads the verdict from the averaged check lanes."""
+
+    def __init__(self, part_shapes, num_senders, *, starts, total, expects, names, on_reject):
+        super().__init__(part_shapes, num_senders)
+        self.starts, self.total, self.expects, self.names, self.on_reject = starts, total, expects, names, on_reject
+        self.rejected: dict[int, str] = {}
+        self.sumsq = [0.0] * num_senders
+
+    def vet(self, sender: int, part_index: int, part: torch.Tensor, weight: float) -> torch.Tensor:
+        if not (0 <= sender < self.num_senders and 0 <= part_index < self.num_parts):
+            raise BannedException(f"sender {sender} sent part {part_index} of {self.num_parts}")
+        shape = self.part_shapes[part_index]
+        reason = self.rejected.get(sender)
+        if reason is None:
+            if weight != 1.0:
+                reason = f"it sent averaging weight {weight!r} (the swarm weighs by tokens, inside the vector)"
+            elif part.dtype != torch.float64 or tuple(part.shape) != tuple(shape):
+                reason = f"it sent a {part.dtype} part of shape {tuple(part.shape)}, expected float64 {tuple(shape)}"
+            else:
+                reason, self.sumsq[sender] = check_part(part.numpy(), self.starts[part_index], self.total,
+                                                        self.expects[sender], self.sumsq[sender])
+            if reason is not None:
+                self.rejected[sender] = reason
+                self.on_reject(self.names[sender], part_index, reason)
+        if reason is None:
+            return part
+        expect = self.expects[sender]
+        return torch.from_numpy(marker_part(int(np.prod(shape)), self.starts[part_index], self.total,
+                                            expect.salt if expect else 0)).reshape(shape)
+
+    async def accumulate_part(self, sender_index, part_index, tensor_part, weight=1.0):
+        part = self.vet(sender_index, part_index, tensor_part, weight)
+        return await super().accumulate_part(sender_index, part_index, part, weight=1.0)
+
+
+class _CheckedRunner(AllReduceRunner):
+    """hivemind's butterfly all-reduce with a `_CheckedReducer`, and deltas computed against the
+    part that was actually summed (a wrongly shaped part gets a marker's delta, not an exception)."""
+
+    def __init__(self, *, announced: dict, clip_norm: float, on_reject, **kwargs):
+        super().__init__(**kwargs)
+        me = self.ordered_peer_ids.index(self.peer_id)
+        c = self.tensor_part_container
+        start = sum(len(part) for j in range(me) for part, _ in c._input_parts_by_peer[j])
+        starts = []
+        for part in self.parts_for_local_averaging:
+            starts.append(start)
+            start += len(part)
+        self.tensor_part_reducer.finished.set()  # the stock reducer is replaced before it sees any part
+        self.tensor_part_reducer = _CheckedReducer(
+            tuple(part.shape for part in self.parts_for_local_averaging), len(self.sender_peer_ids),
+            starts=starts, total=c.total_size, names=[p.to_base58() for p in self.sender_peer_ids],
+            expects=[_expect(announced.get(p, {}), clip_norm) for p in self.sender_peer_ids], on_reject=on_reject)
+
+    async def _accumulate_parts_streaming(self, stream, sender_index: int):
+        part_index = 0
+        reducer = self.tensor_part_reducer
+        try:
+            loop = asyncio.get_event_loop()
+            async for tensor_part, weight, part_compression in amap_in_executor(
+                lambda msg: (deserialize_torch_tensor(msg.tensor_part), msg.weight, msg.tensor_part.compression),
+                stream, max_prefetch=self.tensor_part_container.prefetch,
+            ):
+                try:
+                    summed = reducer.vet(sender_index, part_index, tensor_part, weight)
+                    averaged_part = await TensorPartReducer.accumulate_part(reducer, sender_index, part_index, summed)
+                    part_index += 1
+                except BannedException:
+                    break
+                delta = await loop.run_in_executor(
+                    None, lambda: serialize_torch_tensor(averaged_part - summed, part_compression))
+                yield averaging_pb2.AveragingData(code=averaging_pb2.AVERAGED_PART, tensor_part=delta)
+        finally:
+            if part_index != reducer.num_parts:
+                await self._ban_sender(self.sender_peer_ids[sender_index])
+
+
+def peer_id_of(identity: Path) -> str:
+    """The swarm peer id of the signing key kept at `identity` (a peer's `--output`/identity.key)."""
+    return owner_of(RSASignatureValidator(load_identity(identity)).local_public_key)
+
+
 class _Averager(DecentralizedAverager):
-    """A DecentralizedAverager whose group size can follow the round plan and whose state is ours."""
+    """A DecentralizedAverager whose group size follows the round plan, whose reducers check every
+    sender, which refuses banned peers, and whose state is ours."""
 
     state_provider: StateProvider | None = None
+    clip_norm: float = 1.0
 
     def run(self) -> None:
         # a dying p2pd (Ctrl-C reaches the whole process group) makes hivemind's shutdown raise in a
@@ -100,11 +233,69 @@ class _Averager(DecentralizedAverager):
         future.set_result(True)
 
     def set_target_group_size(self, size: int) -> None:
+        self._call("_set_target_group_size", size)
+
+    def _call(self, method: str, *args):
         from hivemind.utils.mpfuture import MPFuture
 
         future = MPFuture()
-        self._outer_pipe.send(("_set_target_group_size", [size], dict(future=future)))
-        future.result(timeout=10)
+        self._outer_pipe.send((method, list(args), dict(future=future)))
+        return future.result(timeout=10)
+
+    # --- checked reduction (runs in the averager's process) ----------------------------------------
+    def _on_reject(self, sender: str, part_index: int, reason: str) -> None:
+        _log.warning("rejected the contribution of %s (part %d): %s", sender, part_index, reason)
+        self._rejections()[sender] = reason
+
+    def _rejections(self) -> dict[str, str]:
+        if not hasattr(self, "_rejected"):
+            self._rejected = {}
+        return self._rejected
+
+    async def _take_rejections(self, future) -> None:
+        future.set_result(dict(self._rejections()))
+        self._rejections().clear()
+
+    async def _run_allreduce_inplace_(self, tensors, group_info, group_id=None, **kwargs):
+        group_id = group_info.group_id if group_id is None else group_id
+        banned = self._banned_ids() & set(group_info.peer_ids)
+        if banned:
+            raise TransportError(f"group includes banned peer(s) {sorted(p.to_base58() for p in banned)}")
+        announced = {pid: _announced(raw) for pid, raw in zip(group_info.peer_ids, group_info.gathered)}
+        runner = _CheckedRunner(p2p=self._p2p, servicer_type=type(self), prefix=self.prefix, tensors=tensors,
+                                group_id=group_id, ordered_peer_ids=group_info.peer_ids, announced=announced,
+                                clip_norm=self.clip_norm, on_reject=self._on_reject, **kwargs)
+        self._running_groups[group_id].set_result(runner)
+        if runner.modes[group_info.peer_ids.index(self.peer_id)] != AveragingMode.AUX:
+            async for tensor, update in azip(as_aiter(*tensors), runner):
+                tensor.add_(update, alpha=self._averaging_alpha)
+                self.last_updated = hivemind.utils.get_dht_time()
+                self._state_updated.set()
+        else:
+            async for _ in runner:
+                raise ValueError("aux peers should not receive averaged tensors")
+
+    # --- bans (runs in the averager's process) -------------------------------------------------------
+    def _banned_ids(self) -> set:
+        return getattr(self, "_banned", set())
+
+    async def _set_banned(self, ids: list[str], future) -> None:
+        self._banned = {PeerID.from_base58(i) for i in ids}
+        mm = self._matchmaking
+        if not getattr(mm, "_swarm_hooked", False):  # refuse banned followers; never follow a banned leader
+            check, find = mm._check_reasons_to_reject, mm.group_key_manager.get_averagers
+
+            def check_reasons(request, context):
+                if context.remote_id in self._banned_ids():
+                    return averaging_pb2.MessageFromLeader(code=averaging_pb2.PROTOCOL_VIOLATION)
+                return check(request, context)
+
+            async def get_averagers(*args, **kw):
+                return [(p, t) for p, t in await find(*args, **kw) if p not in self._banned_ids()]
+
+            mm._check_reasons_to_reject, mm.group_key_manager.get_averagers = check_reasons, get_averagers
+            mm._swarm_hooked = True
+        future.set_result(True)
 
 
 class HivemindTransport:
@@ -137,15 +328,20 @@ class HivemindTransport:
                 raise SwarmError(f"could not reach any peer of --initial-peers {' '.join(initial_peers)}: {msg}") from None
             raise SwarmError(f"could not start the DHT on {host}:{port}: {msg}") from None
 
-    def open_averaging(self, *, run: str, vector_size: int, matchmaking_time: float, allreduce_timeout: float) -> None:
+    def open_averaging(self, *, run: str, vector_size: int, matchmaking_time: float, allreduce_timeout: float,
+                       clip_norm: float = 1.0) -> None:
         self._averager = _Averager(
-            [torch.zeros(vector_size, dtype=torch.float64)], self.dht, start=True, prefix=f"{run}_avg",
+            [torch.zeros(vector_size, dtype=torch.float64)], self.dht, start=False, prefix=f"{run}_avg",
             target_group_size=2, min_group_size=2, min_matchmaking_time=matchmaking_time,
             request_timeout=matchmaking_time / 2, allreduce_timeout=allreduce_timeout,
             compression=NoCompression(), state_compression=NoCompression(), allow_state_sharing=True,
             declare_state_period=10, shutdown_timeout=3,
         )
+        self._averager.clip_norm = clip_norm  # reducers check every sender against it (set before the process forks)
+        self._averager.run_in_background(await_ready=True)
         self._group_size = 2
+        self._p2p_of: dict[str, str] = {}  # swarm peer id -> libp2p peer id, learned from signed gathers
+        self._banned: set[str] = set()
 
     # --- records ---------------------------------------------------------------------------
     def visible_maddrs(self) -> list[str]:
@@ -187,17 +383,58 @@ class HivemindTransport:
             self._group_size = group_size
         with self._averager.get_tensors() as tensors:
             tensors[0].copy_(torch.from_numpy(np.ascontiguousarray(vector, dtype=np.float64)))
+        signed = self._sign(gather, group_key)
         try:
-            gathered = self._averager.step(gather=gather, weight=1.0, scheduled_time=scheduled,
+            gathered = self._averager.step(gather=signed, weight=1.0, scheduled_time=scheduled,
                                            timeout=max(timeout, scheduled - now + 1.0), allow_retries=True)
         except Exception as e:
             raise TransportError(f"all-reduce failed: {type(e).__name__}: {e}") from None
+        finally:
+            rejections = self._averager._call("_take_rejections")
         if not gathered:
             raise TransportError("all-reduce failed: no group formed before the deadline")
         with self._averager.get_tensors() as tensors:
             result = tensors[0].numpy().copy()
-        return ReduceResult(vector=result, gathered={str(k): v for k, v in gathered.items()},
-                            seconds=time.perf_counter() - start)
+        members, forged = {}, []
+        for p2p_id, wrapper in gathered.items():
+            owner = self._verify(wrapper, str(p2p_id), group_key)
+            if owner is None or owner in members:
+                forged.append(str(p2p_id))
+                continue
+            members[owner] = wrapper["g"]
+            self._p2p_of[owner] = str(p2p_id)
+        if forged:  # a member whose announcement its swarm key did not sign for its libp2p id: never group with it
+            self._banned |= set(forged)
+            self._averager._call("_set_banned", sorted(self._banned))
+            raise TransportError(f"all-reduce failed: member(s) {', '.join(forged)} sent an announcement not signed "
+                                 "by their swarm key; refusing them from now on")
+        by_owner = {owner: rejections[p2p] for owner, p2p in self._p2p_of.items() if p2p in rejections}
+        return ReduceResult(vector=result, gathered=members, seconds=time.perf_counter() - start, rejections=by_owner)
+
+    def _sign(self, gather: Any, group_key: str) -> dict:
+        """Bind this peer's announcement to its swarm id (its RSA key) and its libp2p id, for this group only."""
+        me = self.dht.peer_id.to_base58().encode()
+        body = MSGPackSerializer.dumps(gather) + b"|" + me + b"|" + group_key.encode()
+        return {"g": gather, "k": self._signer.local_public_key, "s": self._key.sign(body)}
+
+    def _verify(self, wrapper: Any, p2p_id: str, group_key: str) -> str | None:
+        """The swarm id that signed this member's announcement for its own libp2p id, or None."""
+        try:
+            key, sig, g = wrapper["k"], wrapper["s"], wrapper["g"]
+            m = re.fullmatch(rb"\[owner:(.+)\]", key, re.S)
+            body = MSGPackSerializer.dumps(g) + b"|" + p2p_id.encode() + b"|" + group_key.encode()
+            if m and isinstance(g, dict) and RSAPublicKey.from_bytes(m.group(1)).verify(body, sig):
+                return owner_of(key)
+        except Exception:
+            pass
+        return None
+
+    def ban(self, peer_ids: set[str]) -> None:
+        """Refuse these swarm peers in matchmaking (as leader and as follower) until the next call."""
+        wanted = {self._p2p_of[p] for p in peer_ids if p in self._p2p_of} | {p for p in self._banned if p not in self._p2p_of.values()}
+        if wanted != self._banned:
+            self._banned = wanted
+            self._averager._call("_set_banned", sorted(wanted))
 
     # --- state -----------------------------------------------------------------------------
     def serve_state(self, provider: StateProvider) -> None:

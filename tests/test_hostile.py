@@ -1,0 +1,55 @@
+"""Untrusted contributions, in real swarms on 127.0.0.1: a hostile peer (tests/evil_peer.py, built from
+swarm's own internals) sends NaN, out-of-bound or wrongly shaped gradients. Its contribution must be
+rejected, the peer named, the round go on without it, and the honest peers apply exactly the sum of
+their own contributions: each round's `sum_checksum` (a linear checksum of the integer sum the group
+applied) must equal the sum of the honest members' `contribution_checksum`s."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import metrics
+
+pytestmark = pytest.mark.slow
+
+EVIL = [str(Path(__file__).with_name("evil_peer.py"))]
+ROUNDS = 4
+REASONS = {"nan": "NaN", "huge": "clip bound", "shape": "shape"}
+
+
+@pytest.mark.parametrize("mode", ["nan", "huge", "shape"])
+def test_hostile_contribution_is_rejected_named_and_excluded(peers, mode):
+    from swarm.averaging import add_checksums
+    from swarm.transport.hivemind_dht import peer_id_of
+
+    common = ["--max-rounds", str(ROUNDS), "--min-peers", "3"]
+    peers.start("a", *common)
+    addrs = peers.addrs("a")
+    peers.start("b", *common, initial_peers=addrs)
+    peers.start("x", *common, initial_peers=addrs, program=[*EVIL, mode])
+    for name in "ab":
+        assert peers.wait(name, 300) == 0, peers.log(name)[-3000:]
+    ids = {name: peer_id_of(peers.base / name / "identity.key") for name in "abx"}
+    ma, mb = (metrics(peers.base / n / "metrics.jsonl") for n in "ab")
+    assert [m["round"] for m in ma] == list(range(1, ROUNDS + 1)) == [m["round"] for m in mb]
+
+    for m1, m2 in zip(ma, mb):
+        assert m1["adapter_sha256"] == m2["adapter_sha256"]
+        assert m1["members"] == m2["members"] == sorted([ids["a"], ids["b"]])  # x never in an applied round
+        assert m1["sum_checksum"] == m2["sum_checksum"] == add_checksums([m1["contribution_checksum"],
+                                                                            m2["contribution_checksum"]])
+        assert m1["group_tokens"] == m1["tokens"] + m2["tokens"]
+        assert m1["excluded"] == m2["excluded"] == [ids["x"]]
+
+    # round 1 planned x in, and rejected it; both honest peers name it, with their own reducer's reason
+    for name in "ab":
+        log = peers.log(name)
+        assert f"rejected the contribution of peer {ids['x']}: " in log, log[-3000:]
+        line = next(ln for ln in log.splitlines() if f"rejected the contribution of peer {ids['x']}" in ln)
+        assert REASONS[mode] in line, line
+        assert "Traceback" not in log
+    assert ma[0]["group_size"] == 2 and ma[0]["quota_tokens"] < ma[-1]["quota_tokens"]  # later plans leave x out
+    assert not (peers.base / "x" / "metrics.jsonl").exists() or not metrics(peers.base / "x" / "metrics.jsonl")
