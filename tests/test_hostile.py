@@ -53,3 +53,50 @@ def test_hostile_contribution_is_rejected_named_and_excluded(peers, mode):
         assert "Traceback" not in log
     assert ma[0]["group_size"] == 2 and ma[0]["quota_tokens"] < ma[-1]["quota_tokens"]  # later plans leave x out
     assert not (peers.base / "x" / "metrics.jsonl").exists() or not metrics(peers.base / "x" / "metrics.jsonl")
+
+
+def test_oversized_message_is_refused_before_it_is_read(peers):
+    """A stream message announcing 1 TiB to a real peer's all-reduce handler is refused right after its
+    8-byte length: the peer closes the stream, logs the refusal, keeps running, and never buffers it."""
+    import asyncio
+
+    from swarm.transport.hivemind_dht import MAX_MESSAGE_BYTES
+
+    from hivemind.p2p import P2P, PeerID
+
+    peers.start("a", "--max-rounds", "3", "--min-peers", "2")  # waits for a second peer: idle, handlers up
+    addrs = peers.addrs("a")
+    end = time.monotonic() + 120
+    while "waiting for 2 peers" not in peers.log("a"):
+        assert time.monotonic() < end and peers.procs["a"].poll() is None, peers.log("a")[-2000:]
+        time.sleep(0.3)
+    announced, sent_before_refusal = 1 << 40, 0
+
+    async def attack() -> bool:
+        nonlocal sent_before_refusal
+        p2p = await P2P.create(initial_peers=addrs, host_maddrs=["/ip4/127.0.0.1/tcp/0"], nat_port_map=False,
+                               use_relay=False, auto_nat=False)
+        try:
+            target = PeerID.from_base58(addrs[0].rsplit("/p2p/", 1)[1])
+            _, reader, writer = await p2p.call_binary_stream_handler(target, "default_avg::_Averager.rpc_aggregate_part")
+            writer.write(P2P.MESSAGE_MARKER + announced.to_bytes(P2P.HEADER_LEN, P2P.BYTEORDER))
+            chunk = b"\0" * (1 << 20)
+            try:
+                for _ in range(256):  # at most 256 MiB, bounded in time too
+                    writer.write(chunk)
+                    await asyncio.wait_for(writer.drain(), 10)
+                    sent_before_refusal += len(chunk)
+                    if reader.at_eof() or writer.is_closing():
+                        return True
+                return False
+            except (ConnectionError, asyncio.TimeoutError, asyncio.IncompleteReadError):
+                return True
+        finally:
+            await p2p.shutdown()
+
+    refused = asyncio.run(asyncio.wait_for(attack(), 120))
+    assert refused, "the peer kept reading a message announced as 1 TiB"
+    assert sent_before_refusal < 8 * MAX_MESSAGE_BYTES
+    network = (peers.base / "a" / "network.log").read_text()
+    assert f"refused a {announced}-byte message (limit {MAX_MESSAGE_BYTES} bytes) before reading it" in network
+    assert peers.procs["a"].poll() is None  # still serving
