@@ -1,13 +1,15 @@
 """A chaos run on 127.0.0.1: faults injected into a live swarm, and what they cost.
 
 Timeline (rounds of the swarm):
-  a, b, c start together; c's whole process group is SIGKILLed as its round-K all-reduce starts;
-  once a has finished round J, d joins late; once a has finished round L, b gets SIGTERM.
+  a, b, c and a hostile peer e (scripts/hostile_peer.py, NaN gradients by default) start together;
+  c's whole process group is SIGKILLed as its round-K all-reduce starts; once a has finished round J,
+  d joins late; once a has finished round L, b gets SIGTERM.
 Prints: faults injected and survived, rounds lost per fault (failed round attempts on survivors),
-time to recover after the kill, late-join time to first contribution, and whether every
-survivor's final adapter hash is identical.
+time to recover after the kill, how often e's contribution was rejected and who named it,
+late-join time to first contribution, and whether every survivor's final adapter hash is identical.
 
-Usage: python scripts/chaos.py [--rounds 14] [--kill-round 4] [--join-after 6] [--term-after 9] [--output DIR]
+Usage: python scripts/chaos.py [--rounds 14] [--kill-round 4] [--join-after 6] [--term-after 9]
+                               [--hostile {nan,huge,shape,outlier,tokens,none}] [--output DIR]
 """
 
 from __future__ import annotations
@@ -32,11 +34,12 @@ class Swarm:
     def __init__(self, out: Path) -> None:
         self.out, self.procs, self.launched = out, {}, {}
 
-    def start(self, name: str, args: list[str], env: dict | None = None) -> None:
+    def start(self, name: str, args: list[str], env: dict | None = None, program: list[str] | None = None) -> None:
         d = self.out / name
         d.mkdir(parents=True, exist_ok=True)
         e = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT), **(env or {}))
-        cmd = [sys.executable, "-m", "swarm.join", "--host", "127.0.0.1", "--threads", "1", "--output", str(d), *args]
+        cmd = [sys.executable, *(program or ["-m", "swarm.join"]), "--host", "127.0.0.1", "--threads", "1",
+               "--output", str(d), *args]
         self.procs[name] = subprocess.Popen(cmd, stdout=open(d / "log.txt", "w"), stderr=subprocess.STDOUT, env=e,
                                             start_new_session=True)
         self.launched[name] = time.time()
@@ -75,17 +78,22 @@ def main() -> int:
     ap.add_argument("--kill-round", type=int, default=4)
     ap.add_argument("--join-after", type=int, default=6)
     ap.add_argument("--term-after", type=int, default=9)
+    ap.add_argument("--hostile", default="nan", choices=["nan", "huge", "shape", "outlier", "tokens", "none"])
     ap.add_argument("--output", default=None)
     args = ap.parse_args()
     out = Path(args.output or tempfile.mkdtemp(prefix="chaos-"))
     sw = Swarm(out)
     rounds = ["--max-rounds", str(args.rounds)]
+    hostile = args.hostile != "none"
+    first = ["--min-peers", "4" if hostile else "3"]
     try:
-        sw.start("a", rounds + ["--min-peers", "3"])
+        sw.start("a", rounds + first)
         addrs = sw.addrs("a")
-        sw.start("b", rounds + ["--min-peers", "3", "--initial-peers", *addrs])
-        sw.start("c", rounds + ["--min-peers", "3", "--initial-peers", *addrs],
-                 env={"SWARM_CHAOS_DIE_IN_ROUND": str(args.kill_round)})
+        sw.start("b", rounds + first + ["--initial-peers", *addrs])
+        sw.start("c", rounds + first + ["--initial-peers", *addrs], env={"SWARM_CHAOS_DIE_IN_ROUND": str(args.kill_round)})
+        if hostile:
+            sw.start("e", rounds + first + ["--initial-peers", *addrs],
+                     program=[str(ROOT / "scripts" / "hostile_peer.py"), args.hostile])
         sw.procs["c"].wait(timeout=900)
         killed_at = time.time()
         sw.wait_round("a", args.join_after)
@@ -93,15 +101,24 @@ def main() -> int:
         sw.wait_round("a", args.term_after)
         sw.procs["b"].send_signal(signal.SIGTERM)
         termed_at = time.time()
-        codes = {n: p.wait(timeout=900) for n, p in sw.procs.items()}
+        sw.procs["b"].wait(timeout=120)
+        b_exited = time.time()
+        codes = {n: p.wait(timeout=900) for n, p in sw.procs.items() if n != "e"}
     finally:
-        sw.kill_all()
+        sw.kill_all()  # the hostile peer too
 
     ma = sw.metrics("a")
     after_kill = [m for m in ma if m["time"] > killed_at]
     recover_s = after_kill[0]["time"] - killed_at if after_kill else float("nan")
     d = sw.metrics("d")
     lost = {n: sw.log(n).count("round not applied") for n in ("a", "b", "d")}
+    e_id = None
+    if hostile:
+        from swarm.transport.hivemind_dht import peer_id_of
+
+        e_id = peer_id_of(out / "e" / "identity.key")
+    named = {n: sw.log(n).count(f"rejected the contribution of peer {e_id}") for n in ("a", "b", "d")} if hostile else {}
+    e_rounds = sorted({m["round"] for n in ("a", "b", "d") for m in sw.metrics(n) if e_id in m.get("members", [])})
     survivors = ["a", "d"]
     finals = {n: sw.metrics(n)[-1]["adapter_sha256"] for n in survivors}
     b_last = sw.metrics("b")[-1]
@@ -111,6 +128,8 @@ def main() -> int:
             "kill -9 in the all-reduce of round %d (c)" % args.kill_round: f"exit {codes['c']}",
             "late join after round %d (d)" % args.join_after: f"exit {codes['d']}",
             "SIGTERM after round %d (b)" % args.term_after: f"exit {codes['b']}",
+            **({f"hostile peer e ({args.hostile}) from round 1": f"rejected and named {named} times by a/b/d; "
+                f"rounds applied with e: {e_rounds or 'none'}"} if hostile else {}),
         },
         "survivor_exit_codes": {n: codes[n] for n in ("a", "d")},
         "failed_round_attempts": lost,
@@ -119,7 +138,7 @@ def main() -> int:
         "seconds_to_first_round_after_kill": round(recover_s, 2),
         "late_join_seconds_to_first_contribution": round(d[0]["time"] - sw.launched["d"], 2) if d else None,
         "late_joiner_first_round": d[0]["round"] if d else None,
-        "sigterm_exit_seconds": round(sw.metrics("b")[-1]["time"] - termed_at, 2),
+        "sigterm_to_exit_seconds": round(b_exited - termed_at, 2),
         "b_final_adapter_matches_a_at_its_round": b_last["adapter_sha256"] == b_same_round["adapter_sha256"],
         "final_adapter_sha256": finals,
         "survivors_identical": len(set(finals.values())) == 1,

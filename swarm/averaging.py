@@ -158,11 +158,40 @@ class Expect:
     tokens: int
     salt: int
     clip_norm: float
+    norm: float | None = None   # its announced (clipped) gradient norm; None: only the clip bound
+    refuse: str | None = None   # rejected whatever it sends (its announcement alone is out of line)
 
     @property
     def bound(self) -> float:
-        """Largest L2 norm of an honest encoded contribution: clip x tokens x 2^F, plus rounding."""
-        return self.clip_norm * self.tokens * 2.0 ** frac_bits(self.clip_norm) + 0.5 * math.sqrt(MAX_VALUES) + 1.0
+        """Largest L2 norm of an honest encoded contribution: norm x tokens x 2^F, plus rounding."""
+        norm = self.clip_norm if self.norm is None else min(self.norm, self.clip_norm)
+        return norm * (1 + 1e-6) * self.tokens * 2.0 ** frac_bits(self.clip_norm) + 0.5 * math.sqrt(MAX_VALUES) + 1.0
+
+
+def expectations(announced: list[dict], clip_norm: float, max_norm_ratio: float | None) -> list[Expect | None]:
+    """Each group member's Expect from its announcement, the same on every reducer (same gather).
+
+    None: no valid token count or salt. A member announcing a norm above the clip, or above
+    `max_norm_ratio` x the median of the group's announced norms (groups of 3+), is refused."""
+    out: list[Expect | None] = []
+    for g in announced:
+        tokens, salt, norm = g.get("tokens"), g.get("salt"), g.get("norm")
+        if type(tokens) is not int or type(salt) is not int or not 0 <= tokens <= MAX_TOKENS_PER_PEER \
+                or not 0 < salt < 1 << SALT_BITS:
+            out.append(None)
+        elif not isinstance(norm, float) or not 0.0 <= norm <= clip_norm * (1 + 1e-6):
+            out.append(Expect(tokens, salt, clip_norm, refuse=f"it announced gradient norm {norm!r} (clip bound {clip_norm:g})"))
+        else:
+            out.append(Expect(tokens, salt, clip_norm, norm=norm))
+    norms = [e.norm for e in out if e is not None and e.refuse is None and e.tokens > 0]
+    if max_norm_ratio is not None and len(norms) >= 3:
+        median = float(np.median(norms))
+        for i, e in enumerate(out):
+            if e is not None and e.refuse is None and e.tokens > 0 and e.norm > max_norm_ratio * median:
+                out[i] = Expect(e.tokens, e.salt, clip_norm, norm=e.norm, refuse=(
+                    f"its gradient norm {e.norm:.3g} is {e.norm / median:.3g} x the group's median {median:.3g} "
+                    f"(limit {max_norm_ratio:g} x)"))
+    return out
 
 
 MAX_VALUES = 1 << 32  # rounding slack in `Expect.bound` (0.5 per value) for any vector we can hold
@@ -181,6 +210,8 @@ def check_part(part: np.ndarray, start: int, total: int, expect: Expect | None, 
     sum of squares of its data values (the norm bound holds for the whole contribution)."""
     if expect is None:
         return "announced no valid token count and salt", sumsq
+    if expect.refuse is not None:
+        return expect.refuse, sumsq
     if not np.all(np.isfinite(part)):
         return "its gradient contains NaN or inf", sumsq
     if not np.all(part == np.rint(part)):
@@ -194,7 +225,8 @@ def check_part(part: np.ndarray, start: int, total: int, expect: Expect | None, 
     sumsq += float(np.dot(data, data))
     norm = math.sqrt(sumsq)
     if norm > expect.bound:
-        return f"its gradient norm is at least {norm / expect.bound:.3g} x the clip bound", sumsq
+        what = "the clip bound" if expect.norm is None else "the norm it announced (or the clip bound)"
+        return f"its gradient norm is at least {norm / expect.bound:.3g} x {what}", sumsq
     return None, sumsq
 
 
@@ -275,7 +307,7 @@ def checksum(integers: np.ndarray) -> int:
 
     Metrics record it for this peer's contribution and for the group's sum, so anyone can verify
     from metrics alone that a round applied exactly the sum of the contributions of its members."""
-    q = np.mod(np.asarray(integers, dtype=np.float64), _CHECKSUM_P).astype(np.int64)
+    q = np.mod(np.nan_to_num(np.asarray(integers, dtype=np.float64)), _CHECKSUM_P).astype(np.int64)
     return int(np.sum((q * _checksum_weights(len(q))) % _CHECKSUM_P) % _CHECKSUM_P)
 
 

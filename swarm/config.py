@@ -83,6 +83,9 @@ class AveragingConfig(_Strict):
     matchmaking_time: float = Field(3.0, gt=0, description="seconds a peer looks for its group")
     allreduce_timeout: float = Field(30.0, gt=0, description="seconds an all-reduce may take before the round is abandoned")
     round_timeout: float = Field(120.0, gt=0, description="seconds to wait at the round barrier for missing peers")
+    max_norm_ratio: float | None = Field(
+        10.0, gt=1, description="reject a contribution whose gradient norm exceeds this multiple of the group's median "
+        "(groups of 3 or more; None: only the clip bound train.max_grad_norm applies)")
 
 
 class RunConfig(_Strict):

@@ -76,6 +76,8 @@ class Peer(StateSync):
         self.speeds: dict[str, float] = {}  # peer -> smoothed full-speed tokens/s, from the group's shared measurements
         self.last_speed = 0.0
         self.banned: dict[str, int] = {}    # peer -> last round it is excluded from (its contribution was rejected)
+        self.missing: dict[str, float] = {}  # peer planned in but absent from the last group -> its advert's timestamp then
+        self.advert_seen: dict[str, float] = {}
         self.strikes: dict[str, int] = {}
         return self
 
@@ -113,7 +115,8 @@ class Peer(StateSync):
         self.transport.open_averaging(run=self.run.name, vector_size=vector_size(self.vector_size),
                                       matchmaking_time=self.run.averaging.matchmaking_time,
                                       allreduce_timeout=self.run.averaging.allreduce_timeout,
-                                      clip_norm=self.run.train.max_grad_norm)
+                                      clip_norm=self.run.train.max_grad_norm,
+                                      max_norm_ratio=self.run.averaging.max_norm_ratio)
         self.transport.serve_state(self._serve_state)
         self.metrics = MetricsFile(self.out / "metrics.jsonl")
 
@@ -301,10 +304,34 @@ class Peer(StateSync):
 
     # ------------------------------------------------------------------------------ plan
     def adverts(self, rnd: int | None = None) -> list[CapabilityAdvert]:
-        """Live adverts of this run; peers excluded for round `rnd` (rejected contributions) left out."""
+        """Live adverts of this run. For planning round `rnd`, left out: peers whose contribution was
+        rejected (for a while), and peers planned in but absent from the last group until they advertise
+        again (a killed peer's advert outlives it by up to its TTL; the group must not wait for it)."""
         mine = self._advert()
-        return [a for a in self.members.adverts(self.run.name) if a.peer_id != self.me
-                and (rnd is None or self.banned.get(a.peer_id, 0) < rnd)] + [mine]
+        out = []
+        for a in self.members.adverts(self.run.name):
+            if a.peer_id == self.me or (rnd is not None and self.banned.get(a.peer_id, 0) >= rnd):
+                continue
+            if a.peer_id in self.missing:
+                if a.timestamp == self.missing[a.peer_id]:
+                    continue
+                del self.missing[a.peer_id]  # it advertised since: alive
+            out.append(a)
+        self.advert_seen = {a.peer_id: a.timestamp for a in out}
+        return out + [mine]
+
+    def note_absent(self, plan: RoundPlan, outcome: RoundOutcome, rnd: int) -> None:
+        """Planned members the group went on without: left out of plans until their next advert."""
+        for peer in set(plan.peer_ids) - set(outcome.members) - set(self.banned) - {self.me}:
+            if peer in self.advert_seen and peer not in self.missing:
+                self.missing[peer] = self.advert_seen[peer]
+                self.log.say(f"peer {peer} was planned in but did not join the group: planning without it "
+                             "until it advertises again", rnd)
+
+    def _gone(self) -> set[str]:
+        """Peers that said they are leaving or pausing since the plan was made."""
+        gone = {a.peer_id for a in self.members.adverts(self.run.name) if a.paused}
+        return gone | {p.peer_id for p in self.members.progress(self.run.name) if p.state == "leaving"}
 
     def exclude(self, offenders: dict[str, str], rnd: int) -> None:
         """Members whose contribution the group rejected sit out: refused in matchmaking, left out of plans."""
@@ -395,17 +422,25 @@ class Peer(StateSync):
             threading.Timer(0.05, lambda: os.killpg(os.getpgrp(), signal.SIGKILL)).start()
         mm = self.run.averaging.matchmaking_time
         wait_until = self.round_started_swarm + plan.deadline_seconds + 0.5  # stragglers contribute what they have by then
-        outcome = None
+        outcome, gone = None, set()
         for attempt in range(AVERAGE_ATTEMPTS):
             timeout = max(wait_until - self.transport.now(), 0.0) + 2 * mm + 5.0
-            group = [t.peer_id for t in plan.tasks if t.peer_id == self.me or self.banned.get(t.peer_id, 0) < rnd]
+            if attempt:  # a planned member may have left since: don't wait for it again
+                gone = self._gone() - {self.me}
+            group = [t.peer_id for t in plan.tasks
+                     if t.peer_id == self.me or (self.banned.get(t.peer_id, 0) < rnd and t.peer_id not in gone)]
             outcome = average_round(self.transport, train, names=self.names, shapes=self.shapes, round_=rnd,
                                     plan_id=plan.plan_id, group_size=len(group),
                                     clip_norm=self.run.train.max_grad_norm, timeout=timeout, run=self.run.name,
-                                    wait_until=wait_until, speed=self.last_speed)
+                                    wait_until=wait_until, speed=self.last_speed,
+                                    quotas={t.peer_id: t.quota_tokens for t in plan.tasks},
+                                    max_tokens=self.run.train.tokens_per_round)
             if outcome.offenders:
                 self.exclude(outcome.offenders, rnd)
-            if outcome.ok or outcome.reason.startswith("not contributing") or self._swarm_round() >= rnd:
+            if outcome.ok:
+                self.note_absent(plan, outcome, rnd)
+                break
+            if outcome.reason.startswith("not contributing") or self._swarm_round() >= rnd:
                 break
             if attempt + 1 < AVERAGE_ATTEMPTS:
                 self.log.warn(("retrying without it" if set(outcome.offenders) - {self.me} else
@@ -447,7 +482,7 @@ class Peer(StateSync):
             "plan_id": plan.plan_id, "plan_round": plan.round, "plan_mode": plan.mode, "quota_tokens": task.quota_tokens,
             "micro_batch": task.micro_batch, "accumulation_steps": task.accumulation_steps,
             "deadline_seconds": round(plan.deadline_seconds, 3), "cut_short": self.pacer.cut_short, "time": time.time(),
-            "members": outcome.members, "contribution_checksum": outcome.contribution_checksum,
+            "members": outcome.members, "grad_norm": outcome.grad_norm, "contribution_checksum": outcome.contribution_checksum,
             "sum_checksum": outcome.sum_checksum, "excluded": sorted(p for p, last in self.banned.items() if last >= state.round),
         })
         self.members.report(self.run.name, ProgressRecord(

@@ -13,7 +13,8 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from swarm.averaging import AveragingError, attribute, checksum, data_values, decode, encode, flatten, new_salt, unflatten
+from swarm.averaging import (MAX_TOKENS_PER_PEER, AveragingError, attribute, checksum, clip_by_norm, data_values, decode,
+                             encode, flatten, new_salt, unflatten)
 from swarm.backends.base import TrainResult
 from swarm.transport.base import Transport, TransportError
 
@@ -70,22 +71,29 @@ class RoundOutcome:
     barrier_wait: float = 0.0                 # this peer's wait for the group's last member (swarm clock), no transfer
     offenders: dict[str, str] = field(default_factory=dict)  # members whose contribution was rejected: why
     contribution_checksum: int | None = None  # linear checksum of this peer's encoded contribution
+    grad_norm: float | None = None            # this peer's clipped gradient norm (announced to the group)
     sum_checksum: int | None = None           # ... of the exact integer sum the group applied
 
 
 def average_round(transport: Transport, train: TrainResult, *, names: list[str], shapes: dict[str, tuple[int, ...]],
                   round_: int, plan_id: str, group_size: int, clip_norm: float, timeout: float,
-                  run: str, wait_until: float | None = None, speed: float = 0.0) -> RoundOutcome:
-    """All-reduce this peer's clipped, token-weighted gradient with the group; validate everything."""
+                  run: str, wait_until: float | None = None, speed: float = 0.0,
+                  quotas: dict[str, int] | None = None, max_tokens: int = MAX_TOKENS_PER_PEER) -> RoundOutcome:
+    """All-reduce this peer's clipped, token-weighted gradient with the group; validate everything.
+
+    `quotas`: each peer's token quota in plan `plan_id` (a member of the same plan claiming more
+    tokens is rejected); `max_tokens`: the most any member may claim (the round's whole budget)."""
     values = sum(int(np.prod(shapes[n])) for n in names)
     salt = new_salt()
     try:
-        vector = encode(flatten(train.grads, names) if train.tokens else np.zeros(values), train.tokens, clip_norm, salt)
+        flat = flatten(train.grads, names) if train.tokens else np.zeros(values)
+        norm = min(clip_by_norm(flat, clip_norm)[1], clip_norm)
+        vector = encode(flat, train.tokens, clip_norm, salt)
     except AveragingError as e:
         return RoundOutcome(ok=False, reason=f"not contributing: {e}")
     mine = checksum(data_values(vector, values))
     gather = {"peer": transport.peer_id, "round": round_, "tokens": train.tokens, "loss_sum": float(train.loss_sum),
-              "plan": plan_id, "salt": salt, "seconds": float(train.seconds), "speed": float(speed),
+              "plan": plan_id, "salt": salt, "norm": float(norm), "seconds": float(train.seconds), "speed": float(speed),
               "arrived": float(transport.now())}
     if group_size <= 1:
         result_vec, gathered, seconds = vector, {transport.peer_id: gather}, 0.0
@@ -103,6 +111,11 @@ def average_round(transport: Transport, train: TrainResult, *, names: list[str],
                 or not isinstance(g.get("loss_sum"), float) or not math.isfinite(g["loss_sum"]) \
                 or type(g.get("salt")) is not int or not 0 < g["salt"] < 1 << 40:
             why = f"it sent bad round metadata: {str(g)[:120]}"
+            return RoundOutcome(ok=False, reason=f"peer {peer}: {why}", offenders={peer: why}, contribution_checksum=mine)
+        quota = quotas.get(peer) if quotas is not None and g.get("plan") == plan_id else None
+        if g["tokens"] > min(max_tokens, quota if quota is not None else max_tokens):
+            why = (f"it claims {g['tokens']} tokens, its quota in this round's plan is {quota}" if quota is not None
+                   else f"it claims {g['tokens']} tokens, more than the round's budget of {max_tokens}")
             return RoundOutcome(ok=False, reason=f"peer {peer}: {why}", offenders={peer: why}, contribution_checksum=mine)
         members.append(peer)
         tokens += g["tokens"]
@@ -125,7 +138,7 @@ def average_round(transport: Transport, train: TrainResult, *, names: list[str],
                         group_size=len(gathered), group_loss=loss / tokens, members=members,
                         reduce_seconds=seconds, slowest_seconds=slowest, speeds=speeds,
                         barrier_wait=max(0.0, min(max(arrivals, default=0.0) - gather["arrived"], seconds)),
-                        contribution_checksum=mine, sum_checksum=avg.checksum)
+                        contribution_checksum=mine, sum_checksum=avg.checksum, grad_norm=norm)
 
 
 def _explain(error: AveragingError, averaged: np.ndarray, members: list[str], gathered: dict, me: str,

@@ -210,3 +210,33 @@ def test_checksum_is_linear_mod_p():
     assert checksum(a + b) == add_checksums([checksum(a), checksum(b)])
     assert checksum(a) != checksum(a + np.eye(1, 1000, 7)[0])
     assert vector_size(3000) == len(encode(np.zeros(3000), 10, 1.0))
+
+
+def test_expectations_refuse_out_of_line_norms_and_bad_announcements():
+    from swarm.averaging import expectations
+
+    g = lambda norm, tokens=100, salt=7: {"tokens": tokens, "salt": salt, "norm": norm}  # noqa: E731
+    honest = [g(0.4), g(0.5), g(0.9)]
+    assert all(e.refuse is None for e in expectations(honest, 1.0, 10.0))
+    out = expectations([g(0.01), g(0.012), g(0.011), g(0.9)], 1.0, 10.0)
+    assert [e.refuse is None for e in out] == [True, True, True, False]
+    assert "x the group's median" in out[3].refuse
+    assert expectations([g(0.01), g(0.9)], 1.0, 10.0)[1].refuse is None   # two members: no median to trust
+    assert expectations([g(0.01), g(0.012), g(0.9)], 1.0, None)[2].refuse is None  # ratio off
+    assert "announced gradient norm" in expectations([g(1.5)], 1.0, 10.0)[0].refuse
+    assert "announced gradient norm" in expectations([g(float("nan"))], 1.0, 10.0)[0].refuse
+    assert "announced gradient norm" in expectations([g(None)], 1.0, 10.0)[0].refuse
+    assert expectations([g(0.5, tokens=-1)], 1.0, 10.0) == [None]
+    assert expectations([g(0.5, salt=0)], 1.0, 10.0) == [None]
+    assert expectations([{"tokens": True, "salt": 3, "norm": 0.5}], 1.0, 10.0) == [None]  # bool is not an int
+
+
+def test_parts_larger_than_the_announced_norm_are_rejected():
+    vectors, salts, tokens = _members(1)
+    v = vectors[0]
+    from swarm.averaging import Expect as E
+
+    norm = float(np.linalg.norm(data_values(v, 3000))) / (tokens[0] * 2.0 ** 22)  # frac_bits(1.0) = 22
+    assert check_part(v, 0, len(v), E(tokens[0], salts[0], 1.0, norm=norm * 1.01), 0.0)[0] is None
+    why = check_part(v, 0, len(v), E(tokens[0], salts[0], 1.0, norm=norm / 10), 0.0)[0]
+    assert why is not None and "norm it announced" in why

@@ -1,4 +1,4 @@
-"""Untrusted contributions, in real swarms on 127.0.0.1: a hostile peer (tests/evil_peer.py, built from
+"""Untrusted contributions, in real swarms on 127.0.0.1: a hostile peer (scripts/hostile_peer.py, built from
 swarm's own internals) sends NaN, out-of-bound or wrongly shaped gradients. Its contribution must be
 rejected, the peer named, the round go on without it, and the honest peers apply exactly the sum of
 their own contributions: each round's `sum_checksum` (a linear checksum of the integer sum the group
@@ -15,17 +15,21 @@ from conftest import metrics
 
 pytestmark = pytest.mark.slow
 
-EVIL = [str(Path(__file__).with_name("evil_peer.py"))]
+EVIL = [str(Path(__file__).resolve().parent.parent / "scripts" / "hostile_peer.py")]
 ROUNDS = 4
-REASONS = {"nan": "NaN", "huge": "clip bound", "shape": "shape"}
+REASONS = {"nan": "NaN", "huge": "norm it announced", "shape": "shape", "outlier": "the group's median",
+           "tokens": "its quota in this round's plan"}
 
 
-@pytest.mark.parametrize("mode", ["nan", "huge", "shape"])
-def test_hostile_contribution_is_rejected_named_and_excluded(peers, mode):
+@pytest.mark.parametrize("mode", list(REASONS))
+def test_hostile_contribution_is_rejected_named_and_excluded(peers, mode, tmp_path):
     from swarm.averaging import add_checksums
     from swarm.transport.hivemind_dht import peer_id_of
 
     common = ["--max-rounds", str(ROUNDS), "--min-peers", "3"]
+    if mode == "outlier":  # a loose clip: only the group-relative bound (averaging.max_norm_ratio) can catch it
+        (tmp_path / "loose.yaml").write_text("name: loose\ntrain:\n  max_grad_norm: 1000.0\n")
+        common += ["--config", str(tmp_path / "loose.yaml")]
     peers.start("a", *common)
     addrs = peers.addrs("a")
     peers.start("b", *common, initial_peers=addrs)

@@ -32,7 +32,7 @@ from hivemind.utils.crypto import RSAPrivateKey, RSAPublicKey
 from hivemind.utils.timed_storage import ValueWithExpiration
 
 from swarm import SwarmError
-from swarm.averaging import Expect, check_part, marker_part
+from swarm.averaging import check_part, expectations, marker_part
 from swarm.transport.base import Record, ReduceResult, StateProvider, TransportError
 
 ALL_INTERFACES = ("0.0.0.0", "::")
@@ -111,13 +111,6 @@ def _announced(gathered_bytes: bytes) -> dict:
         return {}
 
 
-def _expect(g: dict, clip_norm: float) -> Expect | None:
-    tokens, salt = g.get("tokens"), g.get("salt")
-    if type(tokens) is not int or type(salt) is not int or not 0 <= tokens <= 1 << 20 or not 0 < salt < 1 << 40:
-        return None
-    return Expect(tokens=tokens, salt=salt, clip_norm=clip_norm)
-
-
 class _CheckedReducer(TensorPartReducer):
     """A reducer that checks every sender's part against what it announced before summing it.
 
@@ -161,7 +154,7 @@ class _CheckedRunner(AllReduceRunner):
     """hivemind's butterfly all-reduce with a `_CheckedReducer`, and deltas computed against the
     part that was actually summed (a wrongly shaped part gets a marker's delta, not an exception)."""
 
-    def __init__(self, *, announced: dict, clip_norm: float, on_reject, **kwargs):
+    def __init__(self, *, announced: dict, clip_norm: float, max_norm_ratio: float | None, on_reject, **kwargs):
         super().__init__(**kwargs)
         me = self.ordered_peer_ids.index(self.peer_id)
         c = self.tensor_part_container
@@ -174,7 +167,8 @@ class _CheckedRunner(AllReduceRunner):
         self.tensor_part_reducer = _CheckedReducer(
             tuple(part.shape for part in self.parts_for_local_averaging), len(self.sender_peer_ids),
             starts=starts, total=c.total_size, names=[p.to_base58() for p in self.sender_peer_ids],
-            expects=[_expect(announced.get(p, {}), clip_norm) for p in self.sender_peer_ids], on_reject=on_reject)
+            expects=expectations([announced.get(p, {}) for p in self.sender_peer_ids], clip_norm, max_norm_ratio),
+            on_reject=on_reject)
 
     async def _accumulate_parts_streaming(self, stream, sender_index: int):
         part_index = 0
@@ -210,6 +204,7 @@ class _Averager(DecentralizedAverager):
 
     state_provider: StateProvider | None = None
     clip_norm: float = 1.0
+    max_norm_ratio: float | None = None
 
     def run(self) -> None:
         # a dying p2pd (Ctrl-C reaches the whole process group) makes hivemind's shutdown raise in a
@@ -264,7 +259,8 @@ class _Averager(DecentralizedAverager):
         announced = {pid: _announced(raw) for pid, raw in zip(group_info.peer_ids, group_info.gathered)}
         runner = _CheckedRunner(p2p=self._p2p, servicer_type=type(self), prefix=self.prefix, tensors=tensors,
                                 group_id=group_id, ordered_peer_ids=group_info.peer_ids, announced=announced,
-                                clip_norm=self.clip_norm, on_reject=self._on_reject, **kwargs)
+                                clip_norm=self.clip_norm, max_norm_ratio=self.max_norm_ratio,
+                                on_reject=self._on_reject, **kwargs)
         self._running_groups[group_id].set_result(runner)
         if runner.modes[group_info.peer_ids.index(self.peer_id)] != AveragingMode.AUX:
             async for tensor, update in azip(as_aiter(*tensors), runner):
@@ -329,7 +325,7 @@ class HivemindTransport:
             raise SwarmError(f"could not start the DHT on {host}:{port}: {msg}") from None
 
     def open_averaging(self, *, run: str, vector_size: int, matchmaking_time: float, allreduce_timeout: float,
-                       clip_norm: float = 1.0) -> None:
+                       clip_norm: float = 1.0, max_norm_ratio: float | None = None) -> None:
         self._averager = _Averager(
             [torch.zeros(vector_size, dtype=torch.float64)], self.dht, start=False, prefix=f"{run}_avg",
             target_group_size=2, min_group_size=2, min_matchmaking_time=matchmaking_time,
@@ -337,7 +333,8 @@ class HivemindTransport:
             compression=NoCompression(), state_compression=NoCompression(), allow_state_sharing=True,
             declare_state_period=10, shutdown_timeout=3,
         )
-        self._averager.clip_norm = clip_norm  # reducers check every sender against it (set before the process forks)
+        # reducers check every sender against these (set before the averager's process forks)
+        self._averager.clip_norm, self._averager.max_norm_ratio = clip_norm, max_norm_ratio
         self._averager.run_in_background(await_ready=True)
         self._group_size = 2
         self._p2p_of: dict[str, str] = {}  # swarm peer id -> libp2p peer id, learned from signed gathers

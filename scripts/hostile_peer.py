@@ -1,0 +1,78 @@
+"""A hostile peer for tests and chaos runs (127.0.0.1 only), built from swarm's own internals: it trains honestly, then corrupts what it sends.
+
+usage: python scripts/hostile_peer.py MODE [python -m swarm.join arguments]
+
+  nan      every gradient value of its contribution is NaN (check lanes and token count left honest)
+  huge     its gradient is scaled a millionfold after it announced its norm: integers still
+  shape    every part it sends a reducer is one value short (its own vector, and so its schema, is right)
+  outlier  its gradient is 100x larger and it says so (within a loose clip bound: out of line with the group)
+  tokens   it claims 100x the tokens it trained, with a gradient encoded to match (to outweigh the others)
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+
+MODES = ("nan", "huge", "shape", "outlier", "tokens")
+if len(sys.argv) < 2 or sys.argv[1] not in MODES:
+    sys.exit(f"usage: python scripts/hostile_peer.py {{{','.join(MODES)}}} --host 127.0.0.1 [swarm.join arguments]")
+MODE = sys.argv.pop(1)
+if "--host" not in sys.argv or not sys.argv[sys.argv.index("--host") + 1:][:1] == ["127.0.0.1"]:
+    sys.exit("hostile_peer: refusing to run anywhere but --host 127.0.0.1 (it attacks the swarm it joins)")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import swarm.round as round_module  # noqa: E402
+from swarm.averaging import CHECK_EVERY  # noqa: E402
+
+honest_encode = round_module.encode
+
+
+def evil_encode(mean_grad, tokens, clip_norm, salt=1):
+    vector = honest_encode(mean_grad, tokens, clip_norm, salt)
+    data = np.ones(len(vector), dtype=bool)
+    data[CHECK_EVERY::CHECK_EVERY + 1] = False  # check lanes
+    data[-1] = False                            # token count
+    if MODE == "nan":
+        vector[data] = np.nan
+    elif MODE == "huge":
+        vector[data] = vector[data] * 1e6 + 1e9
+    return vector
+
+
+round_module.encode = evil_encode
+
+if MODE == "outlier":
+    honest_flatten = round_module.flatten
+    round_module.flatten = lambda tensors, names: honest_flatten(tensors, names) * 100.0
+
+if MODE == "tokens":
+    import dataclasses
+
+    import swarm.peer
+
+    honest_train = swarm.peer.Peer.train
+
+    def greedy_train(self, plan, rnd, stop):
+        result = honest_train(self, plan, rnd, stop)
+        return dataclasses.replace(result, tokens=result.tokens * 100, loss_sum=result.loss_sum * 100)
+
+    swarm.peer.Peer.train = greedy_train
+
+if MODE == "shape":
+    from hivemind.averaging.partition import TensorPartContainer
+    from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
+
+    honest_parts = TensorPartContainer.iterate_input_parts_for
+
+    async def short_parts(self, peer_index):
+        async for part in honest_parts(self, peer_index):
+            yield serialize_torch_tensor(deserialize_torch_tensor(part)[:-1])
+
+    TensorPartContainer.iterate_input_parts_for = short_parts
+
+from swarm.join import main  # noqa: E402
+
+sys.exit(main())
