@@ -7,16 +7,18 @@ usage: python scripts/hostile_peer.py MODE [python -m swarm.join arguments]
   shape    every part it sends a reducer is one value short (its own vector, and so its schema, is right)
   outlier  its gradient is 100x larger and it says so (within a loose clip bound: out of line with the group)
   tokens   it claims 100x the tokens it trained, with a gradient encoded to match (to outweigh the others)
+  state    it trains honestly, but serves joiners a poisoned adapter (self-consistent hash), at top priority
 """
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
 import numpy as np
 
-MODES = ("nan", "huge", "shape", "outlier", "tokens")
+MODES = ("nan", "huge", "shape", "outlier", "tokens", "state")
 if len(sys.argv) < 2 or sys.argv[1] not in MODES:
     sys.exit(f"usage: python scripts/hostile_peer.py {{{','.join(MODES)}}} --host 127.0.0.1 [swarm.join arguments]")
 MODE = sys.argv.pop(1)
@@ -49,8 +51,6 @@ if MODE == "outlier":
     round_module.flatten = lambda tensors, names: honest_flatten(tensors, names) * 100.0
 
 if MODE == "tokens":
-    import dataclasses
-
     import swarm.peer
 
     honest_train = swarm.peer.Peer.train
@@ -72,6 +72,26 @@ if MODE == "shape":
             yield serialize_torch_tensor(deserialize_torch_tensor(part)[:-1])
 
     TensorPartContainer.iterate_input_parts_for = short_parts
+
+if MODE == "state":
+    import swarm.sync
+    import swarm.transport.hivemind_dht as hd
+
+    def poisoned_state(self):
+        with self._state_lock:
+            if self.state is None:
+                return None, []
+            bad = {k: v + np.float32(0.05) for k, v in self.state.adapter.items()}
+            return dataclasses.replace(self.state, adapter=bad).to_wire()
+
+    swarm.sync.StateSync._serve_state = poisoned_state
+    honest_open = hd.HivemindTransport.open_averaging
+
+    def open_first_in_line(self, **kw):
+        honest_open(self, **kw)
+        self._averager.state_sharing_priority = 1e6  # joiners try it before anyone else
+
+    hd.HivemindTransport.open_averaging = open_first_in_line
 
 from swarm.join import main  # noqa: E402
 

@@ -458,9 +458,13 @@ class Peer(StateSync):
                               fingerprint=self.fingerprint)
         with self._state_lock:
             self.state = state
+        self.save_outputs(state)
+        return state
+
+    def save_outputs(self, state: TrainingState) -> None:
+        """The adapter in both layouts (peft, mlx-lm), each replaced atomically."""
         save_peft_adapter(self.out / "adapter", state.adapter, self.run, self.model_dir)
         save_mlx_adapter(self.out / "mlx_adapter", state.adapter, self.run)
-        return state
 
     def publish(self, state: TrainingState, plan: RoundPlan, train: TrainResult, outcome: RoundOutcome) -> None:
         seconds = time.monotonic() - self.round_started

@@ -69,21 +69,51 @@ class StateSync:
             if got is None:
                 self.log.warn(f"no peer could serve its state yet; retrying in {backoff:.1f}s")
             else:
+                meta, arrays, source = got
                 try:
-                    state = TrainingState.from_wire(got[0], got[1], self.shapes, self.fingerprint, source="a peer")
+                    state = TrainingState.from_wire(meta, arrays, self.shapes, self.fingerprint, source=f"peer {source}")
                 except StateError as e:
-                    self.log.warn(f"rejected downloaded state: {e}")
+                    self.log.warn(f"rejected downloaded state: {e}; not downloading from it again")
+                    self.transport.distrust(source)
                 else:
-                    if state.round >= target:
+                    confirmed = self.confirmed(state.round, state.adapter_sha256) if state.round >= target else False
+                    if confirmed:
                         self.start_round = state.round + 1
                         self._advertise()
                         self.log.say(f"downloaded state of round {state.round} (adapter {state.adapter_sha256[:12]})")
-                        return self._set_state(state)
+                        self._set_state(state)
+                        self.save_outputs(state)  # --output holds the swarm's state even if this peer leaves now
+                        checkpoint.save(self.out / "checkpoint", state)
+                        return state
+                    if confirmed is None:
+                        self.log.warn(f"rejected state of round {state.round} from peer {source}: adapter "
+                                      f"{state.adapter_sha256[:12]} is not what the swarm's peers report; "
+                                      "not downloading from it again")
+                        self.transport.distrust(source)
             time.sleep(backoff)
             backoff = min(backoff * 2, 8.0)
         if stop():
             return self.state
         raise SwarmError("could not get the swarm's state: no live peer served a verified copy in time")
+
+    def confirmed(self, rnd: int, digest: str) -> bool | None:
+        """Is `digest` the swarm's adapter after round `rnd`, by the word of the peers that have passed it?
+        True: more than half of them (of one framework) report it, or none has (nothing to compare with);
+        False: reports are split (retry: they lag a commit by a moment); None: a majority reports another
+        hash (reject it, and its source)."""
+        by_backend: dict[str, list[str | None]] = {}
+        for p in self.members.progress(self.run.name):
+            if p.peer_id != self.me and p.state != "leaving" and p.round >= rnd and self.banned.get(p.peer_id, 0) < rnd:
+                said = p.history.get(str(rnd)) or (p.adapter_sha256 if p.round == rnd else None)
+                by_backend.setdefault(p.backend, []).append(said)
+        if not by_backend:
+            return True
+        contradicted = False
+        for said in by_backend.values():
+            if 2 * said.count(digest) > len(said):
+                return True
+            contradicted |= any(2 * said.count(h) > len(said) for h in set(said) if h and h != digest)
+        return None if contradicted else False
 
     def disagreement(self) -> int | None:
         """The latest recent round where this peer's adapter is not the swarm's (majority; ties: smallest hash).

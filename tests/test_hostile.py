@@ -104,3 +104,27 @@ def test_oversized_message_is_refused_before_it_is_read(peers):
     network = (peers.base / "a" / "network.log").read_text()
     assert f"refused a {announced}-byte message (limit {MAX_MESSAGE_BYTES} bytes) before reading it" in network
     assert peers.procs["a"].poll() is None  # still serving
+
+
+def test_poisoned_state_is_rejected_and_the_joiner_downloads_the_swarms(peers):
+    """x trains honestly but serves a poisoned adapter (with a self-consistent hash) at top priority:
+    the late joiner c rejects it (the peers that passed that round report another hash), never
+    downloads from x again, takes a's state, and ends identical to a."""
+    rounds = 24  # long enough for c to start up (~15 s on a busy 2-core machine) while the swarm trains
+    common = ["--max-rounds", str(rounds), "--min-peers", "2"]
+    peers.start("a", *common)
+    addrs = peers.addrs("a")
+    peers.start("x", *common, initial_peers=addrs, program=[*EVIL, "state"])
+    end = time.monotonic() + 240
+    while len(metrics(peers.base / "a" / "metrics.jsonl")) < 2:
+        assert time.monotonic() < end and peers.procs["a"].poll() is None, peers.log("a")[-3000:]
+        time.sleep(0.3)
+    peers.start("c", "--max-rounds", str(rounds), initial_peers=addrs)
+    for name in "acx":
+        assert peers.wait(name, 300) == 0, peers.log(name)[-3000:]
+    log = peers.log("c")
+    assert "is not what the swarm's peers report; not downloading from it again" in log, log[-3000:]
+    assert "downloaded state of round" in log
+    ma, mc = (metrics(peers.base / n / "metrics.jsonl") for n in "ac")
+    assert mc and ma[-1]["round"] == mc[-1]["round"] == rounds
+    assert ma[-1]["adapter_sha256"] == mc[-1]["adapter_sha256"]

@@ -59,7 +59,10 @@ class Transport(Protocol):
     def serve_state(self, provider: StateProvider) -> None:
         """Let joining peers download (metadata, tensors) from this peer."""
 
-    def download_state(self, timeout: float) -> tuple[dict, list[np.ndarray]] | None:
-        """The state of some live peer, or None when no peer could serve it."""
+    def download_state(self, timeout: float) -> tuple[dict, list[np.ndarray], str] | None:
+        """(metadata, tensors, source) from some live peer not distrusted, or None when none could serve it."""
+
+    def distrust(self, source: str) -> None:
+        """Never download state from `source` again (its state was rejected)."""
 
     def shutdown(self) -> None: ...

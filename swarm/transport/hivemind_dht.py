@@ -9,6 +9,7 @@ import asyncio
 import hashlib
 import logging
 import os
+import random
 import re
 import threading
 import time
@@ -27,7 +28,8 @@ from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.p2p import P2P, PeerID
 from hivemind.proto import averaging_pb2
 from hivemind.utils import MSGPackSerializer
-from hivemind.utils.asyncio import amap_in_executor, as_aiter, azip
+from hivemind.utils.streaming import combine_from_streaming
+from hivemind.utils.asyncio import aiter_with_timeout, amap_in_executor, as_aiter, azip
 from hivemind.utils.crypto import RSAPrivateKey, RSAPublicKey
 from hivemind.utils.timed_storage import ValueWithExpiration
 
@@ -271,6 +273,46 @@ class _Averager(DecentralizedAverager):
             async for _ in runner:
                 raise ValueError("aux peers should not receive averaged tensors")
 
+    # --- state download (runs in the averager's process) ------------------------------------------------
+    async def _distrust(self, peer: str, future) -> None:
+        self._distrusted = getattr(self, "_distrusted", set()) | {PeerID.from_base58(peer)}
+        future.set_result(True)
+
+    async def _load_state_from_peers(self, future, timeout=None):
+        """hivemind's state download, except: never from a banned peer or one whose state was rejected,
+        and the result says which peer served it (so the caller can reject it and try another)."""
+        if timeout is not None:
+            timeout = self.next_chunk_timeout if self.next_chunk_timeout is not None else self.request_timeout
+        try:
+            key_manager = self._matchmaking.group_key_manager
+            found, _ = self.dht.get(f"{key_manager.prefix}.all_averagers", latest=True) or ({}, None)
+            avoid = self._banned_ids() | getattr(self, "_distrusted", set()) | {self.peer_id}
+            priority = {PeerID(p): (float(info.value), random.random()) for p, info in
+                        (found.items() if isinstance(found, dict) else ())
+                        if isinstance(info, ValueWithExpiration) and isinstance(info.value, (float, int))}
+            for peer in sorted(set(priority) - avoid, key=priority.get, reverse=True):
+                try:
+                    stub = self.get_stub(self._p2p, peer, namespace=self.prefix)
+                    stream = await stub.rpc_download_state(averaging_pb2.DownloadRequest())
+                    metadata, parts, tensors = None, [], []
+                    async for message in aiter_with_timeout(stream, timeout=timeout):
+                        if message.metadata:
+                            metadata = self.serializer.loads(message.metadata)
+                        if message.tensor_part.dtype and parts:
+                            tensors.append(deserialize_torch_tensor(combine_from_streaming(parts)))
+                            parts = []
+                        parts.append(message.tensor_part)
+                    if parts:
+                        tensors.append(deserialize_torch_tensor(combine_from_streaming(parts)))
+                    if metadata:
+                        future.set_result((metadata, tensors, peer.to_base58()))
+                        return
+                except Exception as e:
+                    _log.info("could not download state from %s: %r", peer, e)
+        finally:
+            if not future.done():
+                future.set_result(None)
+
     # --- bans (runs in the averager's process) -------------------------------------------------------
     def _banned_ids(self) -> set:
         return getattr(self, "_banned", set())
@@ -437,15 +479,19 @@ class HivemindTransport:
     def serve_state(self, provider: StateProvider) -> None:
         self._averager.state_provider = provider
 
-    def download_state(self, timeout: float) -> tuple[dict, list[np.ndarray]] | None:
+    def download_state(self, timeout: float) -> tuple[dict, list[np.ndarray], str] | None:
         try:
             got = self._averager.load_state_from_peers(timeout=timeout)
         except Exception:
             return None
         if not got:
             return None
-        meta, tensors = got
-        return meta, [t.numpy() for t in tensors]
+        meta, tensors, source = got
+        return meta, [t.numpy() for t in tensors], source
+
+    def distrust(self, source: str) -> None:
+        """Never download state from this source (as `download_state` named it) again."""
+        self._averager._call("_distrust", source)
 
     def shutdown(self) -> None:
         for part in (self._averager, self.dht):
