@@ -442,11 +442,9 @@ class HivemindTransport:
                 continue
             members[owner] = wrapper["g"]
             self._p2p_of[owner] = str(p2p_id)
-        if forged:  # a member whose announcement its swarm key did not sign for its libp2p id: never group with it
-            self._banned |= set(forged)
-            self._averager._call("_set_banned", sorted(self._banned))
-            raise TransportError(f"all-reduce failed: member(s) {', '.join(forged)} sent an announcement not signed "
-                                 "by their swarm key; refusing them from now on")
+        if forged:  # not banned: the group's leader relays every announcement, so it may be the leader's doing
+            raise TransportError(f"all-reduce failed: the announcement of member(s) {', '.join(forged)} is not signed "
+                                 "by a swarm key for their libp2p id (or names a peer twice)")
         by_owner = {owner: rejections[p2p] for owner, p2p in self._p2p_of.items() if p2p in rejections}
         return ReduceResult(vector=result, gathered=members, seconds=time.perf_counter() - start, rejections=by_owner)
 
@@ -470,7 +468,7 @@ class HivemindTransport:
 
     def ban(self, peer_ids: set[str]) -> None:
         """Refuse these swarm peers in matchmaking (as leader and as follower) until the next call."""
-        wanted = {self._p2p_of[p] for p in peer_ids if p in self._p2p_of} | {p for p in self._banned if p not in self._p2p_of.values()}
+        wanted = {self._p2p_of[p] for p in peer_ids if p in self._p2p_of}
         if wanted != self._banned:
             self._banned = wanted
             self._averager._call("_set_banned", sorted(wanted))
