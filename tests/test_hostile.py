@@ -82,7 +82,7 @@ def test_oversized_message_is_refused_before_it_is_read(peers):
                                use_relay=False, auto_nat=False)
         try:
             target = PeerID.from_base58(addrs[0].rsplit("/p2p/", 1)[1])
-            _, reader, writer = await p2p.call_binary_stream_handler(target, "default_avg::_Averager.rpc_aggregate_part")
+            _, reader, writer = await p2p.call_binary_stream_handler(target, "default_avg::SwarmAverager.rpc_aggregate_part")
             writer.write(P2P.MESSAGE_MARKER + announced.to_bytes(P2P.HEADER_LEN, P2P.BYTEORDER))
             chunk = b"\0" * (1 << 20)
             try:

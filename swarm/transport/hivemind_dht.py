@@ -1,15 +1,14 @@
 """The hivemind transport: DHT records signed per peer, decentralized all-reduce, state download.
 
-This is the only module of swarm that imports hivemind.
+This module and `hivemind_averager` (hivemind's averager, hardened for untrusted peers) are the only
+modules of swarm that import hivemind.
 """
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import logging
 import os
-import random
 import re
 import threading
 import time
@@ -20,45 +19,20 @@ import numpy as np
 import torch
 
 import hivemind
-from hivemind.averaging import DecentralizedAverager
-from hivemind.averaging.allreduce import AllReduceRunner, AveragingMode
-from hivemind.averaging.partition import BannedException, TensorPartReducer
-from hivemind.compression import NoCompression, deserialize_torch_tensor, serialize_torch_tensor
+from hivemind.compression import NoCompression
 from hivemind.dht.crypto import RSASignatureValidator
-from hivemind.p2p import P2P, PeerID
-from hivemind.proto import averaging_pb2
 from hivemind.utils import MSGPackSerializer
-from hivemind.utils.streaming import combine_from_streaming
-from hivemind.utils.asyncio import aiter_with_timeout, amap_in_executor, as_aiter, azip
 from hivemind.utils.crypto import RSAPrivateKey, RSAPublicKey
 from hivemind.utils.timed_storage import ValueWithExpiration
 
 from swarm import SwarmError
-from swarm.averaging import check_part, expectations, marker_part
 from swarm.transport.base import Record, ReduceResult, StateProvider, TransportError
+from swarm.transport.hivemind_averager import MAX_MESSAGE_BYTES, SwarmAverager
+
+__all__ = ["HivemindTransport", "MAX_MESSAGE_BYTES", "load_identity", "owner_of", "peer_id_of"]
 
 ALL_INTERFACES = ("0.0.0.0", "::")
 GROUP_BITS = 16
-MAX_MESSAGE_BYTES = 32 << 20  # largest message any peer may send us: parts are 512 KiB, state chunks 4 MiB
-_log = logging.getLogger("hivemind.swarm")
-
-
-class OversizedMessage(Exception):
-    pass
-
-
-async def _receive_raw_data(reader) -> bytes:
-    """hivemind reads a streamed message's 8-byte length and then that many bytes, whatever the length:
-    a peer could make us buffer gigabytes. Refuse anything over MAX_MESSAGE_BYTES before reading it."""
-    header = await reader.readexactly(P2P.HEADER_LEN)
-    length = int.from_bytes(header, P2P.BYTEORDER)
-    if length > MAX_MESSAGE_BYTES:
-        _log.warning("refused a %d-byte message (limit %d bytes) before reading it", length, MAX_MESSAGE_BYTES)
-        raise OversizedMessage(f"message of {length} bytes exceeds the limit of {MAX_MESSAGE_BYTES}")
-    return await reader.readexactly(length)
-
-
-P2P.receive_raw_data = staticmethod(_receive_raw_data)  # before any DHT/averager process forks
 
 
 def route_hivemind_logs(log_file: Path | None) -> None:
@@ -103,237 +77,9 @@ def load_identity(path: Path | None) -> RSAPrivateKey:
     return key
 
 
-def _announced(gathered_bytes: bytes) -> dict:
-    """A member's own gather (our signed wrapper), as hivemind relays it; {} if unreadable."""
-    try:
-        _, _, user = MSGPackSerializer.loads(gathered_bytes)
-        wrapper = MSGPackSerializer.loads(user)
-        return wrapper.get("g", {}) if isinstance(wrapper, dict) and isinstance(wrapper.get("g"), dict) else {}
-    except Exception:
-        return {}
-
-
-class _CheckedReducer(TensorPartReducer):
-    """A reducer that checks every sender's part against what it announced before summing it.
-
-    A sender whose part fails is named in the log and, from that part on, represented by a rejection
-    marker (see `swarm.averaging`): every member reads the verdict from the averaged check lanes."""
-
-    def __init__(self, part_shapes, num_senders, *, starts, total, expects, names, on_reject):
-        super().__init__(part_shapes, num_senders)
-        self.starts, self.total, self.expects, self.names, self.on_reject = starts, total, expects, names, on_reject
-        self.rejected: dict[int, str] = {}
-        self.sumsq = [0.0] * num_senders
-
-    def vet(self, sender: int, part_index: int, part: torch.Tensor, weight: float) -> torch.Tensor:
-        if not (0 <= sender < self.num_senders and 0 <= part_index < self.num_parts):
-            raise BannedException(f"sender {sender} sent part {part_index} of {self.num_parts}")
-        shape = self.part_shapes[part_index]
-        reason = self.rejected.get(sender)
-        if reason is None:
-            if weight != 1.0:
-                reason = f"it sent averaging weight {weight!r} (the swarm weighs by tokens, inside the vector)"
-            elif part.dtype != torch.float64 or tuple(part.shape) != tuple(shape):
-                reason = f"it sent a {part.dtype} part of shape {tuple(part.shape)}, expected float64 {tuple(shape)}"
-            else:
-                reason, self.sumsq[sender] = check_part(part.numpy(), self.starts[part_index], self.total,
-                                                        self.expects[sender], self.sumsq[sender])
-            if reason is not None:
-                self.rejected[sender] = reason
-                self.on_reject(self.names[sender], part_index, reason)
-        if reason is None:
-            return part
-        expect = self.expects[sender]
-        return torch.from_numpy(marker_part(int(np.prod(shape)), self.starts[part_index], self.total,
-                                            expect.salt if expect else 0)).reshape(shape)
-
-    async def accumulate_part(self, sender_index, part_index, tensor_part, weight=1.0):
-        part = self.vet(sender_index, part_index, tensor_part, weight)
-        return await super().accumulate_part(sender_index, part_index, part, weight=1.0)
-
-
-class _CheckedRunner(AllReduceRunner):
-    """hivemind's butterfly all-reduce with a `_CheckedReducer`, and deltas computed against the
-    part that was actually summed (a wrongly shaped part gets a marker's delta, not an exception)."""
-
-    def __init__(self, *, announced: dict, clip_norm: float, max_norm_ratio: float | None, on_reject, **kwargs):
-        super().__init__(**kwargs)
-        me = self.ordered_peer_ids.index(self.peer_id)
-        c = self.tensor_part_container
-        start = sum(len(part) for j in range(me) for part, _ in c._input_parts_by_peer[j])
-        starts = []
-        for part in self.parts_for_local_averaging:
-            starts.append(start)
-            start += len(part)
-        self.tensor_part_reducer.finished.set()  # the stock reducer is replaced before it sees any part
-        self.tensor_part_reducer = _CheckedReducer(
-            tuple(part.shape for part in self.parts_for_local_averaging), len(self.sender_peer_ids),
-            starts=starts, total=c.total_size, names=[p.to_base58() for p in self.sender_peer_ids],
-            expects=expectations([announced.get(p, {}) for p in self.sender_peer_ids], clip_norm, max_norm_ratio),
-            on_reject=on_reject)
-
-    async def _accumulate_parts_streaming(self, stream, sender_index: int):
-        part_index = 0
-        reducer = self.tensor_part_reducer
-        try:
-            loop = asyncio.get_event_loop()
-            async for tensor_part, weight, part_compression in amap_in_executor(
-                lambda msg: (deserialize_torch_tensor(msg.tensor_part), msg.weight, msg.tensor_part.compression),
-                stream, max_prefetch=self.tensor_part_container.prefetch,
-            ):
-                try:
-                    summed = reducer.vet(sender_index, part_index, tensor_part, weight)
-                    averaged_part = await TensorPartReducer.accumulate_part(reducer, sender_index, part_index, summed)
-                    part_index += 1
-                except BannedException:
-                    break
-                delta = await loop.run_in_executor(
-                    None, lambda: serialize_torch_tensor(averaged_part - summed, part_compression))
-                yield averaging_pb2.AveragingData(code=averaging_pb2.AVERAGED_PART, tensor_part=delta)
-        finally:
-            if part_index != reducer.num_parts:
-                await self._ban_sender(self.sender_peer_ids[sender_index])
-
-
 def peer_id_of(identity: Path) -> str:
     """The swarm peer id of the signing key kept at `identity` (a peer's `--output`/identity.key)."""
     return owner_of(RSASignatureValidator(load_identity(identity)).local_public_key)
-
-
-class _Averager(DecentralizedAverager):
-    """A DecentralizedAverager whose group size follows the round plan, whose reducers check every
-    sender, which refuses banned peers, and whose state is ours."""
-
-    state_provider: StateProvider | None = None
-    clip_norm: float = 1.0
-    max_norm_ratio: float | None = None
-
-    def run(self) -> None:
-        # a dying p2pd (Ctrl-C reaches the whole process group) makes hivemind's shutdown raise in a
-        # thread: log it with hivemind's messages instead of printing a traceback on the console
-        threading.excepthook = lambda a: logging.getLogger("hivemind").warning(
-            "averager thread ended: %s: %s", a.exc_type.__name__, a.exc_value)
-        # hivemind's reducer sums parts in `torch.zeros(shape)`, i.e. the default dtype: float32
-        # would truncate our exact float64 fixed-point sums. This runs in the averager's own process.
-        torch.set_default_dtype(torch.float64)
-        super().run()
-
-    def get_current_state(self):
-        if self.state_provider is None:
-            return None, [], None
-        meta, arrays = self.state_provider()
-        return meta, [torch.from_numpy(np.ascontiguousarray(a)) for a in arrays], None
-
-    async def _set_target_group_size(self, size: int, future) -> None:
-        mm = self._matchmaking
-        mm.target_group_size = mm.potential_leaders.target_group_size = mm.group_key_manager.target_group_size = size
-        future.set_result(True)
-
-    def set_target_group_size(self, size: int) -> None:
-        self._call("_set_target_group_size", size)
-
-    def _call(self, method: str, *args):
-        from hivemind.utils.mpfuture import MPFuture
-
-        future = MPFuture()
-        self._outer_pipe.send((method, list(args), dict(future=future)))
-        return future.result(timeout=10)
-
-    # --- checked reduction (runs in the averager's process) ----------------------------------------
-    def _on_reject(self, sender: str, part_index: int, reason: str) -> None:
-        _log.warning("rejected the contribution of %s (part %d): %s", sender, part_index, reason)
-        self._rejections()[sender] = reason
-
-    def _rejections(self) -> dict[str, str]:
-        if not hasattr(self, "_rejected"):
-            self._rejected = {}
-        return self._rejected
-
-    async def _take_rejections(self, future) -> None:
-        future.set_result(dict(self._rejections()))
-        self._rejections().clear()
-
-    async def _run_allreduce_inplace_(self, tensors, group_info, group_id=None, **kwargs):
-        group_id = group_info.group_id if group_id is None else group_id
-        banned = self._banned_ids() & set(group_info.peer_ids)
-        if banned:
-            raise TransportError(f"group includes banned peer(s) {sorted(p.to_base58() for p in banned)}")
-        announced = {pid: _announced(raw) for pid, raw in zip(group_info.peer_ids, group_info.gathered)}
-        runner = _CheckedRunner(p2p=self._p2p, servicer_type=type(self), prefix=self.prefix, tensors=tensors,
-                                group_id=group_id, ordered_peer_ids=group_info.peer_ids, announced=announced,
-                                clip_norm=self.clip_norm, max_norm_ratio=self.max_norm_ratio,
-                                on_reject=self._on_reject, **kwargs)
-        self._running_groups[group_id].set_result(runner)
-        if runner.modes[group_info.peer_ids.index(self.peer_id)] != AveragingMode.AUX:
-            async for tensor, update in azip(as_aiter(*tensors), runner):
-                tensor.add_(update, alpha=self._averaging_alpha)
-                self.last_updated = hivemind.utils.get_dht_time()
-                self._state_updated.set()
-        else:
-            async for _ in runner:
-                raise ValueError("aux peers should not receive averaged tensors")
-
-    # --- state download (runs in the averager's process) ------------------------------------------------
-    async def _distrust(self, peer: str, future) -> None:
-        self._distrusted = getattr(self, "_distrusted", set()) | {PeerID.from_base58(peer)}
-        future.set_result(True)
-
-    async def _load_state_from_peers(self, future, timeout=None):
-        """hivemind's state download, except: never from a banned peer or one whose state was rejected,
-        and the result says which peer served it (so the caller can reject it and try another)."""
-        if timeout is not None:
-            timeout = self.next_chunk_timeout if self.next_chunk_timeout is not None else self.request_timeout
-        try:
-            key_manager = self._matchmaking.group_key_manager
-            found, _ = self.dht.get(f"{key_manager.prefix}.all_averagers", latest=True) or ({}, None)
-            avoid = self._banned_ids() | getattr(self, "_distrusted", set()) | {self.peer_id}
-            priority = {PeerID(p): (float(info.value), random.random()) for p, info in
-                        (found.items() if isinstance(found, dict) else ())
-                        if isinstance(info, ValueWithExpiration) and isinstance(info.value, (float, int))}
-            for peer in sorted(set(priority) - avoid, key=priority.get, reverse=True):
-                try:
-                    stub = self.get_stub(self._p2p, peer, namespace=self.prefix)
-                    stream = await stub.rpc_download_state(averaging_pb2.DownloadRequest())
-                    metadata, parts, tensors = None, [], []
-                    async for message in aiter_with_timeout(stream, timeout=timeout):
-                        if message.metadata:
-                            metadata = self.serializer.loads(message.metadata)
-                        if message.tensor_part.dtype and parts:
-                            tensors.append(deserialize_torch_tensor(combine_from_streaming(parts)))
-                            parts = []
-                        parts.append(message.tensor_part)
-                    if parts:
-                        tensors.append(deserialize_torch_tensor(combine_from_streaming(parts)))
-                    if metadata:
-                        future.set_result((metadata, tensors, peer.to_base58()))
-                        return
-                except Exception as e:
-                    _log.info("could not download state from %s: %r", peer, e)
-        finally:
-            if not future.done():
-                future.set_result(None)
-
-    # --- bans (runs in the averager's process) -------------------------------------------------------
-    def _banned_ids(self) -> set:
-        return getattr(self, "_banned", set())
-
-    async def _set_banned(self, ids: list[str], future) -> None:
-        self._banned = {PeerID.from_base58(i) for i in ids}
-        mm = self._matchmaking
-        if not getattr(mm, "_swarm_hooked", False):  # refuse banned followers; never follow a banned leader
-            check, find = mm._check_reasons_to_reject, mm.group_key_manager.get_averagers
-
-            def check_reasons(request, context):
-                if context.remote_id in self._banned_ids():
-                    return averaging_pb2.MessageFromLeader(code=averaging_pb2.PROTOCOL_VIOLATION)
-                return check(request, context)
-
-            async def get_averagers(*args, **kw):
-                return [(p, t) for p, t in await find(*args, **kw) if p not in self._banned_ids()]
-
-            mm._check_reasons_to_reject, mm.group_key_manager.get_averagers = check_reasons, get_averagers
-            mm._swarm_hooked = True
-        future.set_result(True)
 
 
 class HivemindTransport:
@@ -346,7 +92,7 @@ class HivemindTransport:
         self._signer = RSASignatureValidator(self._key)
         self.peer_id = owner_of(self._signer.local_public_key)
         self._lock = threading.Lock()  # DHT calls come from the loop and the advertiser thread
-        self._averager: _Averager | None = None
+        self._averager: SwarmAverager | None = None
         self._group_size = 0
         loopback = host.startswith("127.") or host in ("localhost", "::1")
         ip = "ip6" if ":" in host else "ip4"
@@ -368,7 +114,7 @@ class HivemindTransport:
 
     def open_averaging(self, *, run: str, vector_size: int, matchmaking_time: float, allreduce_timeout: float,
                        clip_norm: float = 1.0, max_norm_ratio: float | None = None) -> None:
-        self._averager = _Averager(
+        self._averager = SwarmAverager(
             [torch.zeros(vector_size, dtype=torch.float64)], self.dht, start=False, prefix=f"{run}_avg",
             target_group_size=2, min_group_size=2, min_matchmaking_time=matchmaking_time,
             request_timeout=matchmaking_time / 2, allreduce_timeout=allreduce_timeout,
