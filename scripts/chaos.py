@@ -5,7 +5,8 @@ Timeline (rounds of the swarm):
   c's whole process group is SIGKILLed as its round-K all-reduce starts; once a has finished round J,
   d joins late; once a has finished round L, b gets SIGTERM.
 Prints: faults injected and survived, rounds lost per fault (failed round attempts on survivors),
-time to recover after the kill, how often e's contribution was rejected and who named it,
+attempts ended early because a member said it would not come, the longest gap between two rounds of a
+survivor, time to recover after the kill, how often e's contribution was rejected and who named it,
 late-join time to first contribution, and whether every survivor's final adapter hash is identical.
 
 Usage: python scripts/chaos.py [--rounds 14] [--kill-round 4] [--join-after 6] [--term-after 9]
@@ -28,6 +29,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from swarm.metrics import read_metrics  # noqa: E402
+
+
+def _longest_gap(metrics: list[dict]) -> float | None:
+    """The longest time between two consecutive rounds of a peer: a stall shows here."""
+    times = [m["time"] for m in metrics]
+    return round(max(b - a for a, b in zip(times, times[1:])), 2) if len(times) > 1 else None
 
 
 class Swarm:
@@ -133,6 +140,8 @@ def main() -> int:
         },
         "survivor_exit_codes": {n: codes[n] for n in ("a", "d")},
         "failed_round_attempts": lost,
+        "attempts_ended_early_for_a_member_that_left": {n: sw.log(n).count("will not be in this round") for n in ("a", "b", "d")},
+        "longest_gap_between_rounds_seconds": {n: _longest_gap(sw.metrics(n)) for n in ("a", "d")},
         "rounds_completed": {n: [m["round"] for m in sw.metrics(n)][-1] for n in ("a", "b", "d")},
         "a_rounds_missing": sorted(set(range(1, args.rounds + 1)) - {m["round"] for m in ma}),
         "seconds_to_first_round_after_kill": round(recover_s, 2),

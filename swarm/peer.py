@@ -24,7 +24,7 @@ from swarm.config import RunConfig, default_run, load_config
 from swarm.metrics import MetricsFile, Reporter
 from swarm.planner import RoundPlan, RunOption, choose_run, plan_round
 from swarm.records import CapabilityAdvert, ProgressRecord, RunRecord
-from swarm.round import Pacer, RoundOutcome, average_round
+from swarm.round import ABANDONED, Pacer, RoundOutcome, average_round
 from swarm.sync import POLL, StateSync
 
 ADVERT_PERIOD = 5.0
@@ -308,9 +308,9 @@ class Peer(StateSync):
         rejected (for a while), and peers planned in but absent from the last group until they advertise
         again (a killed peer's advert outlives it by up to its TTL; the group must not wait for it)."""
         mine = self._advert()
-        out = []
+        out, behind = [], self._behind(rnd) if rnd is not None else set()
         for a in self.members.adverts(self.run.name):
-            if a.peer_id == self.me or (rnd is not None and self.banned.get(a.peer_id, 0) >= rnd):
+            if a.peer_id == self.me or a.peer_id in behind or (rnd is not None and self.banned.get(a.peer_id, 0) >= rnd):
                 continue
             if a.peer_id in self.missing:
                 if a.timestamp == self.missing[a.peer_id]:
@@ -328,10 +328,21 @@ class Peer(StateSync):
                 self.log.say(f"peer {peer} was planned in but did not join the group: planning without it "
                              "until it advertises again", rnd)
 
-    def _gone(self) -> set[str]:
-        """Peers that said they are leaving or pausing since the plan was made."""
-        gone = {a.peer_id for a in self.members.adverts(self.run.name) if a.paused}
-        return gone | {p.peer_id for p in self.members.progress(self.run.name) if p.state == "leaving"}
+    def _gone(self, rnd: int) -> dict[str, str]:
+        """Peers that will not take part in round `rnd` after all, by their own word since the plan was
+        made: leaving, pausing, or catching up to join at a later round. Peer -> why."""
+        gone = {a.peer_id: "it paused" if a.paused else f"it joins at round {a.start_round}"
+                for a in self.members.adverts(self.run.name) if a.paused or a.start_round > rnd}
+        gone.update({p.peer_id: "it is leaving" for p in self.members.progress(self.run.name) if p.state == "leaving"})
+        gone.pop(self.me, None)
+        return gone
+
+    def _behind(self, rnd: int) -> set[str]:
+        """Peers still working on a round at least two before `rnd` (by their progress and start round): they
+        cannot be in round `rnd`'s group and will catch up (announcing a new start round) first."""
+        done = {p.peer_id: p.round for p in self.members.progress(self.run.name)}
+        return {a.peer_id for a in self.members.adverts(self.run.name)
+                if a.peer_id != self.me and max(done.get(a.peer_id, 0), a.start_round - 1) < rnd - 2}
 
     def exclude(self, offenders: dict[str, str], rnd: int) -> None:
         """Members whose contribution the group rejected sit out: refused in matchmaking, left out of plans."""
@@ -422,19 +433,24 @@ class Peer(StateSync):
             threading.Timer(0.05, lambda: os.killpg(os.getpgrp(), signal.SIGKILL)).start()
         mm = self.run.averaging.matchmaking_time
         wait_until = self.round_started_swarm + plan.deadline_seconds + 0.5  # stragglers contribute what they have by then
-        outcome, gone = None, set()
-        for attempt in range(AVERAGE_ATTEMPTS):
+        outcome, gone, failures = None, {}, 0
+        for attempt in range(AVERAGE_ATTEMPTS + len(plan.tasks)):  # abandoned attempts drop a member each time
             timeout = max(wait_until - self.transport.now(), 0.0) + 2 * mm + 5.0
             if attempt:  # a planned member may have left since: don't wait for it again
-                gone = self._gone() - {self.me}
+                gone = self._gone(rnd)
             group = [t.peer_id for t in plan.tasks
                      if t.peer_id == self.me or (self.banned.get(t.peer_id, 0) < rnd and t.peer_id not in gone)]
+
+            def abandon(group=group) -> str | None:  # a member we wait for says it won't come: stop waiting
+                left = {p: why for p, why in self._gone(rnd).items() if p in group}
+                return "; ".join(f"peer {p} will not be in this round: {why}" for p, why in sorted(left.items())) or None
+
             outcome = average_round(self.transport, train, names=self.names, shapes=self.shapes, round_=rnd,
                                     plan_id=plan.plan_id, group_size=len(group),
                                     clip_norm=self.run.train.max_grad_norm, timeout=timeout, run=self.run.name,
                                     wait_until=wait_until, speed=self.last_speed,
                                     quotas={t.peer_id: t.quota_tokens for t in plan.tasks},
-                                    max_tokens=self.run.train.tokens_per_round)
+                                    max_tokens=self.run.train.tokens_per_round, abandon=abandon)
             if outcome.offenders:
                 self.exclude(outcome.offenders, rnd)
             if outcome.ok:
@@ -442,10 +458,17 @@ class Peer(StateSync):
                 break
             if outcome.reason.startswith("not contributing") or self._swarm_round() >= rnd:
                 break
-            if attempt + 1 < AVERAGE_ATTEMPTS:
-                self.log.warn(("retrying without it" if set(outcome.offenders) - {self.me} else
-                               f"averaging failed ({outcome.reason}); retrying") + " with the same contribution", rnd)
-                wait_until = self.transport.now() + 2 * mm
+            if outcome.reason.startswith(ABANDONED):  # members still training may take until the plan's deadline
+                why = outcome.reason[len(ABANDONED):]
+                self.log.say(why + ("; going on without them" if "; peer " in why else "; going on without it"), rnd)
+                wait_until = max(wait_until, self.transport.now() + 2 * mm)
+                continue
+            failures += 1
+            if failures == AVERAGE_ATTEMPTS:
+                break
+            self.log.warn(("retrying without it" if set(outcome.offenders) - {self.me} else
+                           f"averaging failed ({outcome.reason}); retrying") + " with the same contribution", rnd)
+            wait_until = self.transport.now() + 2 * mm
         return outcome
 
     # ------------------------------------------------------------------------------ commit

@@ -16,7 +16,7 @@ import numpy as np
 from swarm.averaging import (MAX_TOKENS_PER_PEER, AveragingError, attribute, checksum, clip_by_norm, data_values, decode,
                              encode, flatten, new_salt, unflatten)
 from swarm.backends.base import TrainResult
-from swarm.transport.base import Transport, TransportError
+from swarm.transport.base import ABANDONED, Transport, TransportError
 
 
 class Pacer:
@@ -78,11 +78,13 @@ class RoundOutcome:
 def average_round(transport: Transport, train: TrainResult, *, names: list[str], shapes: dict[str, tuple[int, ...]],
                   round_: int, plan_id: str, group_size: int, clip_norm: float, timeout: float,
                   run: str, wait_until: float | None = None, speed: float = 0.0,
-                  quotas: dict[str, int] | None = None, max_tokens: int = MAX_TOKENS_PER_PEER) -> RoundOutcome:
+                  quotas: dict[str, int] | None = None, max_tokens: int = MAX_TOKENS_PER_PEER,
+                  abandon=None) -> RoundOutcome:
     """All-reduce this peer's clipped, token-weighted gradient with the group; validate everything.
 
     `quotas`: each peer's token quota in plan `plan_id` (a member of the same plan claiming more
-    tokens is rejected); `max_tokens`: the most any member may claim (the round's whole budget)."""
+    tokens is rejected); `max_tokens`: the most any member may claim (the round's whole budget);
+    `abandon`: asked while no group has formed, a reason it gives ends this attempt early."""
     values = sum(int(np.prod(shapes[n])) for n in names)
     salt = new_salt()
     try:
@@ -100,7 +102,7 @@ def average_round(transport: Transport, train: TrainResult, *, names: list[str],
     else:
         try:
             res = transport.all_reduce(vector, group_key=f"{run}.r{round_}", group_size=group_size, gather=gather,
-                                       timeout=timeout, wait_until=wait_until)
+                                       timeout=timeout, wait_until=wait_until, abandon=abandon)
         except TransportError as e:
             return RoundOutcome(ok=False, reason=str(e), contribution_checksum=mine)
         result_vec, gathered, seconds = res.vector, res.gathered, res.seconds

@@ -11,6 +11,8 @@ from typing import Any, Callable, Protocol
 
 import numpy as np
 
+ABANDONED = "all-reduce abandoned: "  # prefix of the error of an attempt ended by `abandon()`
+
 
 class TransportError(Exception):
     """A network operation failed (no group, timeout, peer gone): the round can be retried or rolled back."""
@@ -49,9 +51,12 @@ class Transport(Protocol):
         """All live, signature-checked values under `key`, one per owner."""
 
     def all_reduce(self, vector: np.ndarray, *, group_key: str, group_size: int, gather: Any,
-                   timeout: float, wait_until: float | None = None) -> ReduceResult:
+                   timeout: float, wait_until: float | None = None,
+                   abandon: Callable[[], str | None] | None = None) -> ReduceResult:
         """Average `vector` (equal weights) with the peers calling it with the same group_key: wait for
-        missing members until `wait_until` (swarm time), at once when `group_size` are there."""
+        missing members until `wait_until` (swarm time), at once when `group_size` are there. While no
+        group has formed yet, `abandon()` is asked every second: a reason it returns ends the attempt
+        (TransportError) without waiting for the deadline."""
 
     def ban(self, peer_ids: set[str]) -> None:
         """Refuse to average with these peers (replaces the previous set)."""

@@ -12,13 +12,15 @@ import os
 import re
 import threading
 import time
+from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
 import hivemind
+from hivemind.averaging.control import AveragingStage
 from hivemind.compression import NoCompression
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.utils import MSGPackSerializer
@@ -26,13 +28,14 @@ from hivemind.utils.crypto import RSAPrivateKey, RSAPublicKey
 from hivemind.utils.timed_storage import ValueWithExpiration
 
 from swarm import SwarmError
-from swarm.transport.base import Record, ReduceResult, StateProvider, TransportError
+from swarm.transport.base import ABANDONED, Record, ReduceResult, StateProvider, TransportError
 from swarm.transport.hivemind_averager import MAX_MESSAGE_BYTES, SwarmAverager
 
 __all__ = ["HivemindTransport", "MAX_MESSAGE_BYTES", "load_identity", "owner_of", "peer_id_of"]
 
 ALL_INTERFACES = ("0.0.0.0", "::")
 GROUP_BITS = 16
+ABANDON_POLL = 1.0  # seconds between asks whether to stop looking for a group
 
 
 def route_hivemind_logs(log_file: Path | None) -> None:
@@ -155,7 +158,8 @@ class HivemindTransport:
 
     # --- averaging -------------------------------------------------------------------------
     def all_reduce(self, vector: np.ndarray, *, group_key: str, group_size: int, gather: Any,
-                   timeout: float, wait_until: float | None = None) -> ReduceResult:
+                   timeout: float, wait_until: float | None = None,
+                   abandon: Callable[[], str | None] | None = None) -> ReduceResult:
         start = time.perf_counter()
         # matchmaking waits for missing members until `wait_until` (the round's deadline, DHT time);
         # the group forms at once when all `group_size` members are there
@@ -170,8 +174,11 @@ class HivemindTransport:
             tensors[0].copy_(torch.from_numpy(np.ascontiguousarray(vector, dtype=np.float64)))
         signed = self._sign(gather, group_key)
         try:
-            gathered = self._averager.step(gather=signed, weight=1.0, scheduled_time=scheduled,
-                                           timeout=max(timeout, scheduled - now + 1.0), allow_retries=True)
+            control = self._averager.step(gather=signed, weight=1.0, scheduled_time=scheduled,
+                                          timeout=max(timeout, scheduled - now + 1.0), allow_retries=True, wait=False)
+            gathered = self._await_step(control, abandon)
+        except TransportError:
+            raise
         except Exception as e:
             raise TransportError(f"all-reduce failed: {type(e).__name__}: {e}") from None
         finally:
@@ -193,6 +200,21 @@ class HivemindTransport:
                                  "by a swarm key for their libp2p id (or names a peer twice)")
         by_owner = {owner: rejections[p2p] for owner, p2p in self._p2p_of.items() if p2p in rejections}
         return ReduceResult(vector=result, gathered=members, seconds=time.perf_counter() - start, rejections=by_owner)
+
+    @staticmethod
+    def _await_step(control, abandon: Callable[[], str | None] | None):
+        """The step's gathered data; while it is still looking for a group, end it if `abandon()` gives a reason
+        (hivemind cancels matchmaking cleanly; once the all-reduce runs, it is never cancelled)."""
+        while True:
+            try:
+                return control.result(timeout=ABANDON_POLL)
+            except FutureTimeout:
+                pass
+            if abandon is None or control.stage != AveragingStage.LOOKING_FOR_GROUP:
+                continue
+            why = abandon()
+            if why and control.stage == AveragingStage.LOOKING_FOR_GROUP and control.cancel():
+                raise TransportError(ABANDONED + why)
 
     def _sign(self, gather: Any, group_key: str) -> dict:
         """Bind this peer's announcement to its swarm id (its RSA key) and its libp2p id, for this group only."""
