@@ -28,6 +28,7 @@ from swarm.round import ABANDONED, Pacer, RoundOutcome, average_round
 from swarm.sync import POLL, StateSync
 
 ADVERT_PERIOD = 5.0
+SILENT = 3 * ADVERT_PERIOD  # a peer whose advert did not change for this long (by our own clock) stopped
 AVERAGE_ATTEMPTS = 3     # all-reduce attempts per round with the same trained contribution
 BAN_ROUNDS = 10          # a peer whose contribution was rejected sits out this many rounds (doubling on repeats)
 LINGER = 20.0            # a peer that finished the run serves its final state this long to peers still behind
@@ -78,6 +79,7 @@ class Peer(StateSync):
         self.banned: dict[str, int] = {}    # peer -> last round it is excluded from (its contribution was rejected)
         self.missing: dict[str, float] = {}  # peer planned in but absent from the last group -> its advert's timestamp then
         self.advert_seen: dict[str, float] = {}
+        self.heard: dict[str, tuple[float, float]] = {}  # peer -> (its advert's timestamp, our monotonic time it changed)
         self.strikes: dict[str, int] = {}
         return self
 
@@ -309,8 +311,11 @@ class Peer(StateSync):
         again (a killed peer's advert outlives it by up to its TTL; the group must not wait for it)."""
         mine = self._advert()
         out, behind = [], self._behind(rnd) if rnd is not None else set()
-        for a in self.members.adverts(self.run.name):
-            if a.peer_id == self.me or a.peer_id in behind or (rnd is not None and self.banned.get(a.peer_id, 0) >= rnd):
+        adverts = self.members.adverts(self.run.name)
+        silent = self._silent(adverts)
+        for a in adverts:
+            if a.peer_id == self.me or a.peer_id in behind or a.peer_id in silent \
+                    or (rnd is not None and self.banned.get(a.peer_id, 0) >= rnd):
                 continue
             if a.peer_id in self.missing:
                 if a.timestamp == self.missing[a.peer_id]:
@@ -330,12 +335,28 @@ class Peer(StateSync):
 
     def _gone(self, rnd: int) -> dict[str, str]:
         """Peers that will not take part in round `rnd` after all, by their own word since the plan was
-        made: leaving, pausing, or catching up to join at a later round. Peer -> why."""
-        gone = {a.peer_id: "it paused" if a.paused else f"it joins at round {a.start_round}"
-                for a in self.members.adverts(self.run.name) if a.paused or a.start_round > rnd}
+        made: leaving, pausing, catching up to join at a later round, or silent (killed, asleep, offline). Peer -> why."""
+        adverts = self.members.adverts(self.run.name)
+        gone = {p: f"it stopped advertising {t:.0f}s ago" for p, t in self._silent(adverts).items()}
+        gone.update({a.peer_id: "it paused" if a.paused else f"it joins at round {a.start_round}"
+                     for a in adverts if a.paused or a.start_round > rnd})
         gone.update({p.peer_id: "it is leaving" for p in self.members.progress(self.run.name) if p.state == "leaving"})
         gone.pop(self.me, None)
         return gone
+
+    def _silent(self, adverts: list[CapabilityAdvert]) -> dict[str, float]:
+        """Peers whose advert has not been refreshed for SILENT seconds, timed by this peer's own clock
+        (peers' clocks may disagree), with the seconds since it last changed. A killed peer's advert
+        lingers in the DHT until its TTL; nobody should wait for it."""
+        now = time.monotonic()
+        out = {}
+        for a in adverts:
+            ts, since = self.heard.get(a.peer_id, (None, now))
+            if ts != a.timestamp:
+                self.heard[a.peer_id] = (a.timestamp, now)
+            elif a.peer_id != self.me and now - since > SILENT:
+                out[a.peer_id] = now - since
+        return out
 
     def _behind(self, rnd: int) -> set[str]:
         """Peers still working on a round at least two before `rnd` (by their progress and start round): they
@@ -477,10 +498,8 @@ class Peer(StateSync):
         for peer, speed in outcome.speeds.items():  # the same update on every member: they plan alike
             old = self.speeds.get(peer)
             self.speeds[peer] = speed if old is None else 0.5 * old + 0.5 * speed
-        state = TrainingState(round=rnd, adapter=self.backend.get_adapter(), optimizer=self.backend.get_optimizer(),
-                              fingerprint=self.fingerprint)
-        with self._state_lock:
-            self.state = state
+        state = self._hold(TrainingState(round=rnd, adapter=self.backend.get_adapter(), optimizer=self.backend.get_optimizer(),
+                                         fingerprint=self.fingerprint))
         self.save_outputs(state)
         return state
 

@@ -27,8 +27,13 @@ class StateSync:
     def _set_state(self, state: TrainingState) -> TrainingState:
         self.backend.set_adapter(state.adapter)
         self.backend.set_optimizer(state.optimizer)
+        return self._hold(state)
+
+    def _hold(self, state: TrainingState) -> TrainingState:
+        """`state` is what this peer serves from now on (joiners ask the newest state first)."""
         with self._state_lock:
             self.state = state
+        self.transport.announce_state_round(state.round)
         return state
 
     def initial_state(self, stop) -> TrainingState:
@@ -61,13 +66,16 @@ class StateSync:
         self._advertise()
         self.log.say(f"{why}: joining at round {self.start_round}, downloading state after round {target}")
         backoff, deadline = 0.5, time.monotonic() + max(120.0, 4 * self.run.averaging.round_timeout)
+        stale: set[str] = set()  # sources that served state older than the target: ask the others first
         while not stop() and time.monotonic() < deadline:
             if self._swarm_round() < target:
                 time.sleep(POLL)
                 continue
-            got = self.transport.download_state(timeout=10.0)
+            got = self.transport.download_state(timeout=10.0, min_round=target, skip=stale)
             if got is None:
-                self.log.warn(f"no peer could serve its state yet; retrying in {backoff:.1f}s")
+                if not stale:
+                    self.log.warn(f"no peer could serve its state yet; retrying in {backoff:.1f}s")
+                stale.clear()  # they may have moved on since
             else:
                 meta, arrays, source = got
                 try:
@@ -77,6 +85,8 @@ class StateSync:
                     self.transport.distrust(source)
                 else:
                     confirmed = self.confirmed(state.round, state.adapter_sha256) if state.round >= target else False
+                    if state.round < target:
+                        stale.add(source)
                     if confirmed:
                         self.start_round = state.round + 1
                         self._advertise()

@@ -25,11 +25,12 @@ def _peer(adverts, progress, me="me"):
     p.me = me
     p.run = SimpleNamespace(name="r")
     p.members = SimpleNamespace(adverts=lambda run: adverts, progress=lambda run: progress)
+    p.heard = {}
     return p
 
 
 def _ad(peer, start_round=1, paused=False):
-    return SimpleNamespace(peer_id=peer, start_round=start_round, paused=paused)
+    return SimpleNamespace(peer_id=peer, start_round=start_round, paused=paused, timestamp=1.0)
 
 
 def _pr(peer, rnd, state="training"):
@@ -91,3 +92,20 @@ def test_an_attempt_is_abandoned_as_soon_as_a_member_says_it_wont_come_and_the_a
     mean = {k: r.mean_grads["w"] for k, r in results.items()}
     np.testing.assert_allclose(mean[a.peer_id], 0.02, rtol=1e-5)
     assert np.array_equal(mean[a.peer_id], mean[b.peer_id])
+
+
+def test_a_peer_whose_advert_stops_changing_is_silent_by_our_own_clock(monkeypatch):
+    import swarm.peer as peer_mod
+
+    clock = [1000.0]
+    monkeypatch.setattr(peer_mod.time, "monotonic", lambda: clock[0])
+    alive, dead = SimpleNamespace(peer_id="alive", start_round=1, paused=False, timestamp=5.0), \
+        SimpleNamespace(peer_id="dead", start_round=1, paused=False, timestamp=9e9)  # its clock is far ahead: no matter
+    p = _peer([alive, dead], [])
+    assert p._silent([alive, dead]) == {}
+    for _ in range(4):  # 20 s: the live peer refreshes its advert every 5 s, the dead one never again
+        clock[0] += 5.0
+        alive.timestamp += 5.0
+        silent = p._silent([alive, dead])
+    assert set(silent) == {"dead"} and silent["dead"] == pytest.approx(20.0)
+    assert p._gone(3) == {"dead": "it stopped advertising 20s ago"}

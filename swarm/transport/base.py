@@ -64,8 +64,14 @@ class Transport(Protocol):
     def serve_state(self, provider: StateProvider) -> None:
         """Let joining peers download (metadata, tensors) from this peer."""
 
-    def download_state(self, timeout: float) -> tuple[dict, list[np.ndarray], str] | None:
-        """(metadata, tensors, source) from some live peer not distrusted, or None when none could serve it."""
+    def announce_state_round(self, round_: int) -> None:
+        """Tell downloaders the round of the state this peer serves (they ask the newest first)."""
+
+    def download_state(self, timeout: float, min_round: int = 0,
+                       skip: set[str] = frozenset()) -> tuple[dict, list[np.ndarray], str] | None:
+        """(metadata, tensors, source) from some live peer not distrusted that announced state of round
+        `min_round` or later (newest first), not one in `skip` (sources as named here), or None when none
+        could serve it."""
 
     def distrust(self, source: str) -> None:
         """Never download state from `source` again (its state was rejected)."""

@@ -4,7 +4,8 @@
 - Every reducer checks each sender's part against what the sender announced (`swarm.averaging`)
   and sums a rejection marker in place of a part that fails, so the whole group reads the verdict.
 - Banned peers are refused in matchmaking, as leader and as follower.
-- State is never downloaded from a banned or distrusted peer, and the caller learns who served it.
+- State is never downloaded from a banned or distrusted peer, the newest declared state is asked first,
+  and the caller learns who served it.
 - The group size follows the round plan, and the reducer sums in float64.
 """
 
@@ -225,18 +226,32 @@ class SwarmAverager(DecentralizedAverager):
         self._distrusted = getattr(self, "_distrusted", set()) | {PeerID.from_base58(peer)}
         future.set_result(True)
 
-    async def _load_state_from_peers(self, future, timeout=None):
+    def load_state_from_peers(self, wait: bool = True, timeout: float | None = None, min_priority: float = 0.0,
+                              skip: tuple[str, ...] = ()):
+        """hivemind's, plus: only from peers declaring a priority (swarm: the round of their state) of at
+        least `min_priority`, and not from the peers in `skip`."""
+        from hivemind.utils.mpfuture import MPFuture
+
+        future = MPFuture()
+        self._outer_pipe.send(("_load_state_from_peers", [], dict(timeout=timeout, future=future, min_priority=min_priority,
+                                                                    skip=tuple(skip))))
+        return future.result(timeout=timeout) if wait else future
+
+    async def _load_state_from_peers(self, future, timeout=None, min_priority=0.0, skip=()):
         """hivemind's state download, except: never from a banned peer or one whose state was rejected,
-        and the result says which peer served it (so the caller can reject it and try another)."""
+        newest declared state first, and the result says which peer served it (so the caller can reject it
+        and try another)."""
         if timeout is not None:
             timeout = self.next_chunk_timeout if self.next_chunk_timeout is not None else self.request_timeout
         try:
             key_manager = self._matchmaking.group_key_manager
             found, _ = self.dht.get(f"{key_manager.prefix}.all_averagers", latest=True) or ({}, None)
             avoid = self._banned_ids() | getattr(self, "_distrusted", set()) | {self.peer_id}
+            avoid |= {PeerID.from_base58(p) for p in skip}
             priority = {PeerID(p): (float(info.value), random.random()) for p, info in
                         (found.items() if isinstance(found, dict) else ())
-                        if isinstance(info, ValueWithExpiration) and isinstance(info.value, (float, int))}
+                        if isinstance(info, ValueWithExpiration) and isinstance(info.value, (float, int))
+                        and info.value >= min_priority}
             for peer in sorted(set(priority) - avoid, key=priority.get, reverse=True):
                 try:
                     stub = self.get_stub(self._p2p, peer, namespace=self.prefix)

@@ -245,9 +245,14 @@ class HivemindTransport:
     def serve_state(self, provider: StateProvider) -> None:
         self._averager.state_provider = provider
 
-    def download_state(self, timeout: float) -> tuple[dict, list[np.ndarray], str] | None:
+    def announce_state_round(self, round_: int) -> None:
+        self._averager.state_sharing_priority = float(round_)  # downloaders ask the newest state first
+
+    def download_state(self, timeout: float, min_round: int = 0,
+                       skip: set[str] = frozenset()) -> tuple[dict, list[np.ndarray], str] | None:
         try:
-            got = self._averager.load_state_from_peers(timeout=timeout)
+            got = self._averager.load_state_from_peers(timeout=timeout, min_priority=float(min_round),
+                                                       skip=tuple(skip))
         except Exception:
             return None
         if not got:
