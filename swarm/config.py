@@ -82,6 +82,9 @@ class AveragingConfig(_Strict):
 
     matchmaking_time: float = Field(3.0, gt=0, description="seconds a peer looks for its group")
     allreduce_timeout: float = Field(30.0, gt=0, description="seconds an all-reduce may take before the round is abandoned")
+    chunk_timeout: float = Field(
+        5.0, gt=0, description="seconds a member may go without sending its next part in an all-reduce before it counts "
+        "as failed (results from a reducer, and each chunk of a state download: twice this)")
     round_timeout: float = Field(120.0, gt=0, description="seconds to wait at the round barrier for missing peers")
     max_norm_ratio: float | None = Field(
         10.0, gt=1, description="reject a contribution whose gradient norm exceeds this multiple of the group's median "

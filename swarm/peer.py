@@ -117,6 +117,7 @@ class Peer(StateSync):
         self.transport.open_averaging(run=self.run.name, vector_size=vector_size(self.vector_size),
                                       matchmaking_time=self.run.averaging.matchmaking_time,
                                       allreduce_timeout=self.run.averaging.allreduce_timeout,
+                                      chunk_timeout=self.run.averaging.chunk_timeout,
                                       clip_norm=self.run.train.max_grad_norm,
                                       max_norm_ratio=self.run.averaging.max_norm_ratio)
         self.transport.serve_state(self._serve_state)

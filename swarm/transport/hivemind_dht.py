@@ -41,20 +41,19 @@ ABANDON_POLL = 1.0  # seconds between asks whether to stop looking for a group
 def route_hivemind_logs(log_file: Path | None) -> None:
     """hivemind logs every matchmaking hiccup (with tracebacks): send it to a file, never to the console.
 
-    Touches only the "hivemind" logger, never the root logger.
+    Touches only the "hivemind" and "asyncio" loggers, never the root logger.
     """
     hivemind.utils.logging.use_hivemind_log_handler("nowhere")
-    lg = logging.getLogger("hivemind")
-    lg.propagate = False
-    for h in list(lg.handlers):
-        lg.removeHandler(h)
-    if log_file is None:
-        lg.addHandler(logging.NullHandler())
-        return
-    handler = logging.FileHandler(log_file)
+    handler = logging.NullHandler() if log_file is None else logging.FileHandler(log_file)
     handler.setFormatter(logging.Formatter("%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"))
-    lg.addHandler(handler)
-    lg.setLevel(logging.INFO)
+    # asyncio: hivemind's processes leave "Future exception was never retrieved" tracebacks when a peer dies
+    for name in ("hivemind", "asyncio"):
+        lg = logging.getLogger(name)
+        lg.propagate = False
+        for h in list(lg.handlers):
+            lg.removeHandler(h)
+        lg.addHandler(handler)
+        lg.setLevel(logging.INFO if name == "hivemind" else logging.WARNING)
 
 
 def owner_of(public_key_marker: bytes) -> str:
@@ -116,11 +115,14 @@ class HivemindTransport:
             raise SwarmError(f"could not start the DHT on {host}:{port}: {msg}") from None
 
     def open_averaging(self, *, run: str, vector_size: int, matchmaking_time: float, allreduce_timeout: float,
-                       clip_norm: float = 1.0, max_norm_ratio: float | None = None) -> None:
+                       clip_norm: float = 1.0, max_norm_ratio: float | None = None, chunk_timeout: float = 5.0) -> None:
         self._averager = SwarmAverager(
             [torch.zeros(vector_size, dtype=torch.float64)], self.dht, start=False, prefix=f"{run}_avg",
             target_group_size=2, min_group_size=2, min_matchmaking_time=matchmaking_time,
             request_timeout=matchmaking_time / 2, allreduce_timeout=allreduce_timeout,
+            # a member that dies mid all-reduce may leave its streams open (libp2p does not always see it go):
+            # without these, the others would wait for its parts until allreduce_timeout
+            sender_timeout=chunk_timeout, reducer_timeout=2 * chunk_timeout, next_chunk_timeout=2 * chunk_timeout,
             compression=NoCompression(), state_compression=NoCompression(), allow_state_sharing=True,
             declare_state_period=10, shutdown_timeout=3,
         )
