@@ -2,14 +2,15 @@
 
 Timeline (rounds of the swarm):
   a, b, c and a hostile peer e (scripts/hostile_peer.py, NaN gradients by default) start together;
-  c's whole process group is SIGKILLed as its round-K all-reduce starts; once a has finished round J,
+  c's whole process group is SIGKILLed in its round-K all-reduce (once parts are being exchanged, or
+  with --kill-at matchmaking as it starts looking for its group); once a has finished round J,
   d joins late; once a has finished round L, b gets SIGTERM.
 Prints: faults injected and survived, rounds lost per fault (failed round attempts on survivors),
 attempts ended early because a member said it would not come, the longest gap between two rounds of a
 survivor, time to recover after the kill, how often e's contribution was rejected and who named it,
 late-join time to first contribution, and whether every survivor's final adapter hash is identical.
 
-Usage: python scripts/chaos.py [--rounds 14] [--kill-round 4] [--join-after 6] [--term-after 9]
+Usage: python scripts/chaos.py [--rounds 14] [--kill-round 4] [--kill-at {reduce,matchmaking}] [--join-after 6] [--term-after 9]
                                [--hostile {nan,huge,shape,outlier,tokens,none}] [--output DIR]
 """
 
@@ -85,6 +86,8 @@ def main() -> int:
     ap.add_argument("--kill-round", type=int, default=4)
     ap.add_argument("--join-after", type=int, default=6)
     ap.add_argument("--term-after", type=int, default=9)
+    ap.add_argument("--kill-at", default="reduce", choices=["reduce", "matchmaking"],
+                    help="kill c once its group formed and parts are exchanged (default), or as it starts looking for a group")
     ap.add_argument("--hostile", default="nan", choices=["nan", "huge", "shape", "outlier", "tokens", "none"])
     ap.add_argument("--output", default=None)
     args = ap.parse_args()
@@ -97,7 +100,8 @@ def main() -> int:
         sw.start("a", rounds + first)
         addrs = sw.addrs("a")
         sw.start("b", rounds + first + ["--initial-peers", *addrs])
-        sw.start("c", rounds + first + ["--initial-peers", *addrs], env={"SWARM_CHAOS_DIE_IN_ROUND": str(args.kill_round)})
+        sw.start("c", rounds + first + ["--initial-peers", *addrs], env={"SWARM_CHAOS_DIE_IN_ROUND": str(args.kill_round),
+                                                                      "SWARM_CHAOS_DIE_AT": args.kill_at})
         if hostile:
             sw.start("e", rounds + first + ["--initial-peers", *addrs],
                      program=[str(ROOT / "scripts" / "hostile_peer.py"), args.hostile])
@@ -132,7 +136,7 @@ def main() -> int:
     b_same_round = next(m for m in ma if m["round"] == b_last["round"])
     result = {
         "faults": {
-            "kill -9 in the all-reduce of round %d (c)" % args.kill_round: f"exit {codes['c']}",
+            "kill -9 in the all-reduce (%s) of round %d (c)" % (args.kill_at, args.kill_round): f"exit {codes['c']}",
             "late join after round %d (d)" % args.join_after: f"exit {codes['d']}",
             "SIGTERM after round %d (b)" % args.term_after: f"exit {codes['b']}",
             **({f"hostile peer e ({args.hostile}) from round 1": f"rejected and named {named} times by a/b/d; "

@@ -450,18 +450,16 @@ class Peer(StateSync):
         contribution (the group's other members failed at the same moment and retry too), unless the
         swarm has already completed the round without us."""
         if os.environ.get("SWARM_CHAOS_DIE_IN_ROUND") == str(rnd):  # fault injection for tests and scripts/chaos.py
-            import signal
-
-            threading.Timer(0.05, lambda: os.killpg(os.getpgrp(), signal.SIGKILL)).start()
+            self._die_soon(in_reduction=os.environ.get("SWARM_CHAOS_DIE_AT") == "reduce")
         mm = self.run.averaging.matchmaking_time
         wait_until = self.round_started_swarm + plan.deadline_seconds + 0.5  # stragglers contribute what they have by then
-        outcome, gone, failures = None, {}, 0
+        outcome, gone, failures, absent = None, {}, 0, set()
         for attempt in range(AVERAGE_ATTEMPTS + len(plan.tasks)):  # abandoned attempts drop a member each time
             timeout = max(wait_until - self.transport.now(), 0.0) + 2 * mm + 5.0
-            if attempt:  # a planned member may have left since: don't wait for it again
+            if attempt:  # a planned member may have left since, or dropped out of the last attempt: don't wait for it
                 gone = self._gone(rnd)
-            group = [t.peer_id for t in plan.tasks
-                     if t.peer_id == self.me or (self.banned.get(t.peer_id, 0) < rnd and t.peer_id not in gone)]
+            group = [t.peer_id for t in plan.tasks if t.peer_id == self.me or (
+                     self.banned.get(t.peer_id, 0) < rnd and t.peer_id not in gone and t.peer_id not in absent)]
 
             def abandon(group=group) -> str | None:  # a member we wait for says it won't come: stop waiting
                 left = {p: why for p, why in self._gone(rnd).items() if p in group}
@@ -475,6 +473,7 @@ class Peer(StateSync):
                                     max_tokens=self.run.train.tokens_per_round, abandon=abandon)
             if outcome.offenders:
                 self.exclude(outcome.offenders, rnd)
+            absent |= set(outcome.absent) - {self.me}
             if outcome.ok:
                 self.note_absent(plan, outcome, rnd)
                 break
@@ -492,6 +491,19 @@ class Peer(StateSync):
                            f"averaging failed ({outcome.reason}); retrying") + " with the same contribution", rnd)
             wait_until = self.transport.now() + 2 * mm
         return outcome
+
+    def _die_soon(self, in_reduction: bool) -> None:
+        """Fault injection: SIGKILL this peer's process group (its p2pd too) as it enters averaging, or once its
+        group has formed and the reduction runs (SWARM_CHAOS_DIE_AT=reduce; bounded: 60 s)."""
+        import signal
+
+        def die():
+            end = time.monotonic() + 60
+            while in_reduction and not self.transport.reducing() and time.monotonic() < end:
+                time.sleep(0.002)
+            os.killpg(os.getpgrp(), signal.SIGKILL)
+
+        threading.Timer(0.05, die).start()
 
     # ------------------------------------------------------------------------------ commit
     def commit(self, outcome: RoundOutcome, rnd: int) -> TrainingState:

@@ -70,6 +70,7 @@ class RoundOutcome:
     speeds: dict[str, float] = field(default_factory=dict)  # each member's measured full-speed tokens/s this round
     barrier_wait: float = 0.0                 # this peer's wait for the group's last member (swarm clock), no transfer
     offenders: dict[str, str] = field(default_factory=dict)  # members whose contribution was rejected: why
+    absent: list[str] = field(default_factory=list)  # members whose contribution never reached the sum (died mid-way)
     contribution_checksum: int | None = None  # linear checksum of this peer's encoded contribution
     grad_norm: float | None = None            # this peer's clipped gradient norm (announced to the group)
     sum_checksum: int | None = None           # ... of the exact integer sum the group applied
@@ -155,5 +156,6 @@ def _explain(error: AveragingError, averaged: np.ndarray, members: list[str], ga
         return RoundOutcome(ok=False, reason=f"contribution rejected ({named})", offenders=offenders, contribution_checksum=mine)
     if verdict.absent:
         missing = ", ".join(members[i] for i in verdict.absent)
-        return RoundOutcome(ok=False, reason=f"{error} (missing: {missing})", contribution_checksum=mine)
+        return RoundOutcome(ok=False, reason=f"{error} (missing: {missing})", contribution_checksum=mine,
+                            absent=[members[i] for i in verdict.absent])
     return RoundOutcome(ok=False, reason=str(error), contribution_checksum=mine)

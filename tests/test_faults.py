@@ -33,9 +33,11 @@ def test_sigkill_mid_round_then_restart_with_same_output(peers, monkeypatch):
     peers.start("a", *common)
     addrs = peers.addrs("a")
     peers.start("b", *common, initial_peers=addrs)
-    monkeypatch.setenv("SWARM_CHAOS_DIE_IN_ROUND", "3")       # c's whole process group dies as round 3's all-reduce starts
+    monkeypatch.setenv("SWARM_CHAOS_DIE_IN_ROUND", "3")  # c's whole process group dies in round 3's all-reduce,
+    monkeypatch.setenv("SWARM_CHAOS_DIE_AT", "reduce")    # once its group formed and parts are being exchanged
     peers.start("c", *common, initial_peers=addrs)
     monkeypatch.delenv("SWARM_CHAOS_DIE_IN_ROUND")
+    monkeypatch.delenv("SWARM_CHAOS_DIE_AT")
     assert peers.wait("c", 240) == -signal.SIGKILL
     _wait_rounds(peers, "a", 5)
     peers.start("c", "--max-rounds", "12", initial_peers=addrs)  # same --output: resumes, downloads, rejoins

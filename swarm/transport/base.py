@@ -58,6 +58,9 @@ class Transport(Protocol):
         group has formed yet, `abandon()` is asked every second: a reason it returns ends the attempt
         (TransportError) without waiting for the deadline."""
 
+    def reducing(self) -> bool:
+        """Whether an all-reduce's group has formed and is exchanging parts right now."""
+
     def ban(self, peer_ids: set[str]) -> None:
         """Refuse to average with these peers (replaces the previous set)."""
 

@@ -176,9 +176,9 @@ class HivemindTransport:
             tensors[0].copy_(torch.from_numpy(np.ascontiguousarray(vector, dtype=np.float64)))
         signed = self._sign(gather, group_key)
         try:
-            control = self._averager.step(gather=signed, weight=1.0, scheduled_time=scheduled,
-                                          timeout=max(timeout, scheduled - now + 1.0), allow_retries=True, wait=False)
-            gathered = self._await_step(control, abandon)
+            self._control = self._averager.step(gather=signed, weight=1.0, scheduled_time=scheduled,
+                                                timeout=max(timeout, scheduled - now + 1.0), allow_retries=True, wait=False)
+            gathered = self._await_step(self._control, abandon)
         except TransportError:
             raise
         except Exception as e:
@@ -202,6 +202,10 @@ class HivemindTransport:
                                  "by a swarm key for their libp2p id (or names a peer twice)")
         by_owner = {owner: rejections[p2p] for owner, p2p in self._p2p_of.items() if p2p in rejections}
         return ReduceResult(vector=result, gathered=members, seconds=time.perf_counter() - start, rejections=by_owner)
+
+    def reducing(self) -> bool:
+        control = getattr(self, "_control", None)
+        return control is not None and not control.done() and control.stage == AveragingStage.RUNNING_ALLREDUCE
 
     @staticmethod
     def _await_step(control, abandon: Callable[[], str | None] | None):
