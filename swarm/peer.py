@@ -24,8 +24,9 @@ from swarm.config import RunConfig, default_run, load_config
 from swarm.metrics import MetricsFile, Reporter
 from swarm.planner import RoundPlan, RunOption, choose_run, plan_round
 from swarm.records import CapabilityAdvert, ProgressRecord, RunRecord
-from swarm.round import ABANDONED, Pacer, RoundOutcome, average_round
+from swarm.round import Pacer, RoundOutcome, average_round
 from swarm.sync import POLL, StateSync
+from swarm.transport.base import ABANDONED
 
 ADVERT_PERIOD = 5.0
 SILENT = 3 * ADVERT_PERIOD  # a peer whose advert did not change for this long (by our own clock) stopped
@@ -311,9 +312,9 @@ class Peer(StateSync):
         rejected (for a while), and peers planned in but absent from the last group until they advertise
         again (a killed peer's advert outlives it by up to its TTL; the group must not wait for it)."""
         mine = self._advert()
-        out, behind = [], self._behind(rnd) if rnd is not None else set()
         adverts = self.members.adverts(self.run.name)
-        silent = self._silent(adverts)
+        behind = self._behind(rnd, adverts) if rnd is not None else set()
+        out, silent = [], self._silent(adverts)
         for a in adverts:
             if a.peer_id == self.me or a.peer_id in behind or a.peer_id in silent \
                     or (rnd is not None and self.banned.get(a.peer_id, 0) >= rnd):
@@ -359,11 +360,11 @@ class Peer(StateSync):
                 out[a.peer_id] = now - since
         return out
 
-    def _behind(self, rnd: int) -> set[str]:
-        """Peers still working on a round at least two before `rnd` (by their progress and start round): they
-        cannot be in round `rnd`'s group and will catch up (announcing a new start round) first."""
+    def _behind(self, rnd: int, adverts: list[CapabilityAdvert]) -> set[str]:
+        """Of `adverts`, peers still working on a round at least two before `rnd` (by their progress and start
+        round): they cannot be in round `rnd`'s group and will catch up (announcing a new start round) first."""
         done = {p.peer_id: p.round for p in self.members.progress(self.run.name)}
-        return {a.peer_id for a in self.members.adverts(self.run.name)
+        return {a.peer_id for a in adverts
                 if a.peer_id != self.me and max(done.get(a.peer_id, 0), a.start_round - 1) < rnd - 2}
 
     def exclude(self, offenders: dict[str, str], rnd: int) -> None:

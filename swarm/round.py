@@ -16,7 +16,7 @@ import numpy as np
 from swarm.averaging import (MAX_TOKENS_PER_PEER, AveragingError, attribute, checksum, clip_by_norm, data_values, decode,
                              encode, flatten, new_salt, unflatten)
 from swarm.backends.base import TrainResult
-from swarm.transport.base import ABANDONED, Transport, TransportError
+from swarm.transport.base import Transport, TransportError
 
 
 class Pacer:
@@ -155,7 +155,7 @@ def _explain(error: AveragingError, averaged: np.ndarray, members: list[str], ga
         named = "; ".join(f"peer {p}: {why}" for p, why in offenders.items())
         return RoundOutcome(ok=False, reason=f"contribution rejected ({named})", offenders=offenders, contribution_checksum=mine)
     if verdict.absent:
-        missing = ", ".join(members[i] for i in verdict.absent)
-        return RoundOutcome(ok=False, reason=f"{error} (missing: {missing})", contribution_checksum=mine,
-                            absent=[members[i] for i in verdict.absent])
+        absent = [members[i] for i in verdict.absent]
+        return RoundOutcome(ok=False, reason=f"{error} (missing: {', '.join(absent)})", contribution_checksum=mine,
+                            absent=absent)
     return RoundOutcome(ok=False, reason=str(error), contribution_checksum=mine)

@@ -48,8 +48,8 @@ def test_peers_two_rounds_behind_are_left_out_of_the_plan():
     # round 10, joins at 11; z: committed round 9 a moment ago (its record may lag one round); w: new swarm
     adverts = [_ad("x", 7), _ad("y", 11), _ad("z", 1), _ad("w", 1), _ad("me", 1)]
     p = _peer(adverts, [_pr("z", 9)])
-    assert p._behind(11) == {"x", "w"}
-    assert p._behind(2) == set()  # round 1 of a new swarm: nobody has progress yet, nobody is behind
+    assert p._behind(11, adverts) == {"x", "w"}
+    assert p._behind(2, adverts) == set()  # round 1 of a new swarm: nobody has progress yet, nobody is behind
 
 
 @pytest.fixture(scope="module")
