@@ -131,7 +131,9 @@ def main() -> int:
     named = {n: sw.log(n).count(f"rejected the contribution of peer {e_id}") for n in ("a", "b", "d")} if hostile else {}
     e_rounds = sorted({m["round"] for n in ("a", "b", "d") for m in sw.metrics(n) if e_id in m.get("members", [])})
     survivors = ["a", "d"]
-    finals = {n: sw.metrics(n)[-1]["adapter_sha256"] for n in survivors}
+    from swarm.adapters import adapter_sha256, load_peft_adapter
+
+    finals = {n: adapter_sha256(load_peft_adapter(out / n / "adapter")) for n in survivors}  # what each peer ended with
     b_last = sw.metrics("b")[-1]
     b_same_round = next(m for m in ma if m["round"] == b_last["round"])
     result = {

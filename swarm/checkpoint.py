@@ -8,7 +8,8 @@ hash, the run fingerprint): state from disk or from another peer is never truste
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,8 @@ from swarm.backends.base import OptimizerState
 
 STATE_FILE = "state.safetensors"
 META_FILE = "meta.json"
+MAX_SPEEDS = 1024           # entries of a state's pace: more is not a swarm's state but an attack
+MAX_ROUND_SECONDS = 3600.0
 
 
 class StateError(SwarmError):
@@ -31,6 +34,10 @@ class TrainingState:
     adapter: dict[str, np.ndarray]    # canonical layout
     optimizer: OptimizerState
     fingerprint: str                  # RunConfig.fingerprint() of the run it belongs to
+    # The pace the next plan is made from: every member of the last group derived it from the same shared
+    # measurements, and a joiner downloads it with the adapter, so all peers plan the next round alike.
+    speeds: dict[str, float] = field(default_factory=dict)  # peer -> smoothed full-speed tokens/s
+    round_seconds: float | None = None  # the slowest member's training time in the last round (adapts the deadline)
 
     @property
     def adapter_sha256(self) -> str:
@@ -44,7 +51,8 @@ class TrainingState:
         if has_opt:
             arrays += [self.optimizer.exp_avg[n] for n in names] + [self.optimizer.exp_avg_sq[n] for n in names]
         meta = {"round": self.round, "fingerprint": self.fingerprint, "names": names, "optimizer_step": self.optimizer.step,
-                "adapter_sha256": self.adapter_sha256}
+                "adapter_sha256": self.adapter_sha256, "speeds": dict(sorted(self.speeds.items())),
+                "round_seconds": self.round_seconds}
         return meta, [np.ascontiguousarray(a, dtype=np.float32) for a in arrays]
 
     @classmethod
@@ -77,7 +85,15 @@ class TrainingState:
         if step > 0:
             opt.exp_avg = dict(zip(names, arrays[k:2 * k]))
             opt.exp_avg_sq = dict(zip(names, arrays[2 * k:]))
-        state = cls(round=rnd, adapter=adapter, optimizer=opt, fingerprint=fingerprint)
+        speeds, seconds = meta.get("speeds", {}), meta.get("round_seconds")
+        if not (isinstance(speeds, dict) and len(speeds) <= MAX_SPEEDS and all(
+                isinstance(k, str) and len(k) <= 128 and type(v) is float and math.isfinite(v) and 0 < v < 1e9
+                for k, v in speeds.items())):
+            raise StateError(f"state from {source}: bad speeds")
+        if not (seconds is None or (type(seconds) is float and 0 <= seconds <= MAX_ROUND_SECONDS)):
+            raise StateError(f"state from {source}: bad round_seconds")
+        state = cls(round=rnd, adapter=adapter, optimizer=opt, fingerprint=fingerprint, speeds=speeds,
+                    round_seconds=seconds)
         if state.adapter_sha256 != meta.get("adapter_sha256"):
             raise StateError(f"state from {source}: adapter hash does not match its metadata")
         return state

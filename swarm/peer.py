@@ -72,10 +72,8 @@ class Peer(StateSync):
         self.start_round = 0
         self.paused = False
         self.tokens_per_s = 0.0
-        self.previous_round_seconds: float | None = None
         self.last_plan: RoundPlan | None = None
         self.history: dict[int, str] = {}  # recent rounds -> this peer's adapter hash
-        self.speeds: dict[str, float] = {}  # peer -> smoothed full-speed tokens/s, from the group's shared measurements
         self.last_speed = 0.0
         self.banned: dict[str, int] = {}    # peer -> last round it is excluded from (its contribution was rejected)
         self.missing: dict[str, float] = {}  # peer planned in but absent from the last group -> its advert's timestamp then
@@ -414,10 +412,11 @@ class Peer(StateSync):
                 return None
         mode = "uniform" if self.args.uniform else "negotiated"
         # speeds every member of the last group measured and shared in its all-reduce: the same numbers on every
-        # member, fresher than adverts (which a peer refreshes every few seconds)
-        adverts = [a.model_copy(update={"throughput_tokens_per_s": self.speeds[a.peer_id]}) if a.peer_id in self.speeds
+        # member (and on a joiner, which downloaded them with the state), fresher than adverts
+        speeds = self.state.speeds
+        adverts = [a.model_copy(update={"throughput_tokens_per_s": speeds[a.peer_id]}) if a.peer_id in speeds
                    else a for a in adverts]
-        plan = plan_round(self.run, adverts, rnd, previous_round_seconds=self.previous_round_seconds, mode=mode)
+        plan = plan_round(self.run, adverts, rnd, previous_round_seconds=self.state.round_seconds, mode=mode)
         if plan.task_for(self.me) is None:
             ex = plan.exclusion_for(self.me)
             if ex is not None and ex.reason == "does_not_fit":
@@ -509,11 +508,12 @@ class Peer(StateSync):
     # ------------------------------------------------------------------------------ commit
     def commit(self, outcome: RoundOutcome, rnd: int) -> TrainingState:
         self.backend.apply_update(outcome.mean_grads)
-        for peer, speed in outcome.speeds.items():  # the same update on every member: they plan alike
-            old = self.speeds.get(peer)
-            self.speeds[peer] = speed if old is None else 0.5 * old + 0.5 * speed
+        # the same update on every member, from the same shared numbers: they plan the next round alike
+        old = self.state.speeds
+        speeds = {p: s if p not in old else 0.5 * old[p] + 0.5 * s for p, s in sorted(outcome.speeds.items())}
         state = self._hold(TrainingState(round=rnd, adapter=self.backend.get_adapter(), optimizer=self.backend.get_optimizer(),
-                                         fingerprint=self.fingerprint))
+                                         fingerprint=self.fingerprint, speeds=speeds,
+                                         round_seconds=outcome.slowest_seconds or None))
         self.save_outputs(state)
         return state
 
@@ -524,7 +524,6 @@ class Peer(StateSync):
 
     def publish(self, state: TrainingState, plan: RoundPlan, train: TrainResult, outcome: RoundOutcome) -> None:
         seconds = time.monotonic() - self.round_started
-        self.previous_round_seconds = outcome.slowest_seconds or train.seconds
         task = plan.task_for(self.me)
         loss = train.loss_sum / train.tokens if train.tokens else None
         tps = train.tokens / seconds if seconds > 0 else 0.0

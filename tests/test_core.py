@@ -187,6 +187,24 @@ def test_state_from_a_peer_is_validated():
         TrainingState.from_wire("not a dict", arrays, shapes, "fp", "p")
 
 
+def test_the_pace_travels_with_the_state_and_is_validated(tmp_path):
+    """A joiner plans its first round from the same speeds and round time as the peers it joins."""
+    state, shapes = _state()
+    state.speeds, state.round_seconds = {"b": 1234.5, "a": 987.25}, 3.75
+    meta, arrays = state.to_wire()
+    back = TrainingState.from_wire(meta, arrays, shapes, "fp", "p")
+    assert back.speeds == {"a": 987.25, "b": 1234.5} and back.round_seconds == 3.75
+    save(tmp_path / "ck", state)
+    assert load(tmp_path / "ck", shapes, "fp").speeds == state.speeds
+    old = {k: v for k, v in meta.items() if k not in ("speeds", "round_seconds")}  # a state that predates the pace
+    assert TrainingState.from_wire(old, arrays, shapes, "fp", "p").speeds == {}
+    for bad in ({"speeds": {"a": float("nan")}}, {"speeds": {"a": -1.0}}, {"speeds": {"a": 5}}, {"speeds": [1.0]},
+                {"speeds": {f"p{i}": 1.0 for i in range(5000)}}, {"round_seconds": float("inf")},
+                {"round_seconds": "3"}, {"round_seconds": -1.0}):
+        with pytest.raises(StateError, match="speeds|round_seconds"):
+            TrainingState.from_wire({**meta, **bad}, arrays, shapes, "fp", "p")
+
+
 # --- peft adapter files -----------------------------------------------------------------------
 def test_saved_adapter_loads_in_peft_and_matches_the_backend(tmp_path):
     import torch

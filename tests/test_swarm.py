@@ -65,6 +65,11 @@ def test_late_joiner_downloads_state_and_matches(peers):
     assert len(finals) == 1                                             # ...and ends on the same adapter
     by_round = _hashes_by_round([peers.base / n / "metrics.jsonl" for n in "abc"])
     assert all(len(h) == 1 for h in by_round.values())
+    plans: dict[int, set[tuple]] = {}                                   # every peer planned every round alike,
+    for n in "abc":                                                     # the joiner too (it downloaded the pace)
+        for m in metrics(peers.base / n / "metrics.jsonl"):
+            plans.setdefault(m["round"], set()).add((m["plan_id"], m["deadline_seconds"]))
+    assert all(len(p) == 1 for p in plans.values()), {r: p for r, p in plans.items() if len(p) > 1}
 
 
 def test_one_swarm_round_equals_single_process_weighted_average(peers):
