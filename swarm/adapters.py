@@ -153,9 +153,15 @@ def peft_config(run: RunConfig, base_model_dir: Path) -> dict:
 
 
 def write_dir_atomically(target: Path, files: dict[str, bytes]) -> None:
-    """Write files into a fresh sibling directory, then swap it in: readers see old or new, never half."""
+    """Write files into a fresh sibling directory, then swap it in: readers see old or new, never half.
+
+    The swap is two renames (target -> .target.old, fresh -> target); a kill between them leaves only
+    .target.old, which `recover_dir` (called here first, and by every reader) puts back."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    recover_dir(target)
+    for stale in target.parent.glob(f".{target.name}.tmp-*"):  # left by a kill mid-write (one writer per --output)
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         for name, data in files.items():
@@ -169,10 +175,33 @@ def write_dir_atomically(target: Path, files: dict[str, bytes]) -> None:
         if target.exists():
             os.rename(target, old)
         os.rename(tmp, target)
+        _fsync_dir(target.parent)
         shutil.rmtree(old, ignore_errors=True)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def recover_dir(target: Path) -> None:
+    """Finish a swap that a kill interrupted: `target` missing but its previous version set aside -> put it back."""
+    target = Path(target)
+    old = target.parent / f".{target.name}.old"
+    if not target.exists() and old.is_dir():
+        os.rename(old, target)
+        _fsync_dir(target.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # not every file system syncs directories
+        pass
+    finally:
+        os.close(fd)
 
 
 def save_peft_adapter(directory: Path, tensors: dict[str, np.ndarray], run: RunConfig, base_model_dir: Path) -> None:
@@ -191,6 +220,7 @@ def load_peft_adapter(directory: Path) -> dict[str, np.ndarray]:
     """Read a peft adapter directory back into canonical layout."""
     from safetensors.numpy import load_file
 
+    recover_dir(Path(directory))
     f = Path(directory) / ADAPTER_FILE
     if not f.is_file():
         raise SwarmError(f"no adapter at {f}")

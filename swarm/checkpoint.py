@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from swarm import SwarmError
-from swarm.adapters import adapter_sha256, write_dir_atomically
+from swarm.adapters import adapter_sha256, recover_dir, write_dir_atomically
 from swarm.backends.base import OptimizerState
 
 STATE_FILE = "state.safetensors"
@@ -113,6 +113,7 @@ def load(directory: Path, shapes: dict[str, tuple[int, ...]], fingerprint: str) 
     from safetensors.numpy import load_file
 
     directory = Path(directory)
+    recover_dir(directory)  # a kill mid-swap set the previous checkpoint aside: it is still the checkpoint
     if not directory.exists():
         return None
     hint = "delete it to start over, or restart this peer with --initial-peers to download the state from the swarm"
