@@ -74,6 +74,15 @@ def test_missing_venv_module_is_one_line_naming_the_package(tmp_path):
         assert f"apt install python{VER}-venv" in line, line
         assert not (repo / ".venv").exists()
         assert not (repo / ".swarm-python").exists()
+    # A .venv left broken (e.g. by a failed `python3 -m venv`) is not reused: the same line.
+    _script(repo / ".venv" / "bin" / "python", "exit 1")
+    line = _one_line_error(_run(["bash", str(repo / "scripts" / "setup.sh"), "--check"], bin_dir))
+    assert f"apt install python{VER}-venv" in line, line
+    # A working .venv is reused, and then no venv module is needed.
+    _script(repo / ".venv" / "bin" / "python", "exit 0")
+    res = _run(["bash", str(repo / "scripts" / "setup.sh"), "--check"], bin_dir)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == str(repo / ".venv" / "bin" / "python")
 
 
 def test_outside_any_env_setup_chooses_the_project_venv(tmp_path):
