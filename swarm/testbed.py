@@ -217,6 +217,9 @@ def _interrupt(signum, frame) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _interrupt)
+    from swarm.lifecycle import guard
+
+    guard()  # a killed testbed leaves no peer behind
     try:
         bed = Testbed(args)
     except SwarmError as e:
