@@ -2,13 +2,25 @@
 
 A checkpoint directory is replaced whole (write a sibling, rename): a kill mid-save leaves the
 previous checkpoint loadable. Loading checks everything (names, shapes, finiteness, the adapter
-hash, the run fingerprint): state from disk or from another peer is never trusted blindly.
+hash, the run fingerprint, the lineage): state from disk or from another peer is never trusted blindly.
+
+Lineage: a state's identity across frameworks. torch and MLX peers hold adapters equal only within
+float tolerance, but every member of a group applies the bit-identical averaged update, so a chain
+hash over the updates names "the same state" on every framework:
+    lineage(0) = H(fingerprint, initial adapter hash)
+    lineage(r) = H(lineage(r-1), r, H(averaged update), work(r), pace(r))
+where work(r) is the tokens the swarm trained in rounds 1..r on this chain and pace(r) the speeds and
+round time the next plan is made from. Members average only with members of the same lineage (it is
+part of the group key), forks are told apart and ranked by it (heaviest work wins), and because the
+pace and the work are inside the hash, a downloaded state's pace is covered by the same majority check
+as its lineage.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +34,18 @@ STATE_FILE = "state.safetensors"
 META_FILE = "meta.json"
 MAX_SPEEDS = 1024           # entries of a state's pace: more is not a swarm's state but an attack
 MAX_ROUND_SECONDS = 3600.0
+ANCESTRY = 256              # rounds of (lineage, work) a state remembers: enough to find where two forks split
+MAX_WORK = 1 << 62
+
+
+def genesis_lineage(fingerprint: str, adapter_sha: str) -> str:
+    return hashlib.sha256(f"swarm-genesis|{fingerprint}|{adapter_sha}".encode()).hexdigest()
+
+
+def next_lineage(parent: str, round_: int, update_sha256: str, work: int, speeds: dict[str, float],
+                 round_seconds: float | None) -> str:
+    pace = json.dumps([sorted(speeds.items()), round_seconds], separators=(",", ":"))
+    return hashlib.sha256(f"{parent}|{round_}|{update_sha256}|{work}|{pace}".encode()).hexdigest()
 
 
 class StateError(SwarmError):
@@ -38,10 +62,32 @@ class TrainingState:
     # measurements, and a joiner downloads it with the adapter, so all peers plan the next round alike.
     speeds: dict[str, float] = field(default_factory=dict)  # peer -> smoothed full-speed tokens/s
     round_seconds: float | None = None  # the slowest member's training time in the last round (adapts the deadline)
+    # Lineage (see the module docstring): "" = derive the genesis lineage (round 0) or a legacy one
+    lineage: str = ""
+    parent: str = ""                  # lineage of round - 1
+    update_sha256: str = ""           # hash of the averaged update applied in this round
+    work: int = 0                     # tokens trained by the swarm in rounds 1..round on this chain
+    ancestry: dict[int, tuple[str, int]] = field(default_factory=dict)  # recent round -> (lineage, work), this one included
+
+    def __post_init__(self) -> None:
+        if not self.lineage:
+            self.lineage = (genesis_lineage(self.fingerprint, self.adapter_sha256) if self.round == 0 else
+                            hashlib.sha256(f"swarm-legacy|{self.round}|{self.adapter_sha256}".encode()).hexdigest())
+        self.ancestry = {r: v for r, v in self.ancestry.items() if r > self.round - ANCESTRY and r < self.round}
+        self.ancestry[self.round] = (self.lineage, self.work)
 
     @property
     def adapter_sha256(self) -> str:
         return adapter_sha256(self.adapter)
+
+    def verified_lineage(self) -> bool:
+        """Does the lineage follow from what the state carries (parent, update, work, pace)?"""
+        if self.round == 0:
+            return self.lineage == genesis_lineage(self.fingerprint, self.adapter_sha256)
+        if not self.parent:  # a state from before lineages: nothing to check it against
+            return self.lineage == hashlib.sha256(f"swarm-legacy|{self.round}|{self.adapter_sha256}".encode()).hexdigest()
+        return self.lineage == next_lineage(self.parent, self.round, self.update_sha256, self.work, self.speeds,
+                                            self.round_seconds)
 
     # --- wire: (metadata, [arrays]) ------------------------------------------------------------
     def to_wire(self) -> tuple[dict, list[np.ndarray]]:
@@ -52,7 +98,9 @@ class TrainingState:
             arrays += [self.optimizer.exp_avg[n] for n in names] + [self.optimizer.exp_avg_sq[n] for n in names]
         meta = {"round": self.round, "fingerprint": self.fingerprint, "names": names, "optimizer_step": self.optimizer.step,
                 "adapter_sha256": self.adapter_sha256, "speeds": dict(sorted(self.speeds.items())),
-                "round_seconds": self.round_seconds}
+                "round_seconds": self.round_seconds, "lineage": self.lineage, "parent": self.parent,
+                "update_sha256": self.update_sha256, "work": self.work,
+                "ancestry": [[r, lin, w] for r, (lin, w) in sorted(self.ancestry.items())]}
         return meta, [np.ascontiguousarray(a, dtype=np.float32) for a in arrays]
 
     @classmethod
@@ -92,11 +140,33 @@ class TrainingState:
             raise StateError(f"state from {source}: bad speeds")
         if not (seconds is None or (type(seconds) is float and 0 <= seconds <= MAX_ROUND_SECONDS)):
             raise StateError(f"state from {source}: bad round_seconds")
+        lineage, parent, update, work = (meta.get(k, d) for k, d in
+                                         (("lineage", ""), ("parent", ""), ("update_sha256", ""), ("work", 0)))
+        ancestry = meta.get("ancestry", [])
+        hexes = (lineage, parent, update)
+        if not (all(isinstance(h, str) and len(h) in (0, 64) and all(c in "0123456789abcdef" for c in h) for h in hexes)
+                and type(work) is int and 0 <= work <= MAX_WORK and isinstance(ancestry, list)
+                and len(ancestry) <= ANCESTRY + 1 and all(
+                    isinstance(a, list) and len(a) == 3 and type(a[0]) is int and isinstance(a[1], str)
+                    and len(a[1]) == 64 and type(a[2]) is int for a in ancestry)):
+            raise StateError(f"state from {source}: bad lineage")
         state = cls(round=rnd, adapter=adapter, optimizer=opt, fingerprint=fingerprint, speeds=speeds,
-                    round_seconds=seconds)
+                    round_seconds=seconds, lineage=lineage, parent=parent, update_sha256=update, work=work,
+                    ancestry={a[0]: (a[1], a[2]) for a in ancestry})
         if state.adapter_sha256 != meta.get("adapter_sha256"):
             raise StateError(f"state from {source}: adapter hash does not match its metadata")
+        if not state.verified_lineage():
+            raise StateError(f"state from {source}: its lineage does not follow from its parent, update, work and pace")
         return state
+
+    def successor(self, *, round_: int, adapter: dict[str, np.ndarray], optimizer: OptimizerState,
+                  update_sha256: str, tokens: int, speeds: dict[str, float], round_seconds: float | None) -> "TrainingState":
+        """The state after applying round `round_`'s averaged update (hash `update_sha256`, `tokens` trained)."""
+        work = min(self.work + tokens, MAX_WORK)
+        lineage = next_lineage(self.lineage, round_, update_sha256, work, speeds, round_seconds)
+        return TrainingState(round=round_, adapter=adapter, optimizer=optimizer, fingerprint=self.fingerprint,
+                             speeds=speeds, round_seconds=round_seconds, lineage=lineage, parent=self.lineage,
+                             update_sha256=update_sha256, work=work, ancestry=dict(self.ancestry))
 
 
 # --- disk ----------------------------------------------------------------------------------------

@@ -8,7 +8,6 @@ is `swarm.sync.StateSync`, which Peer mixes in.
 from __future__ import annotations
 
 import argparse
-import fcntl
 import os
 import threading
 import time
@@ -34,6 +33,7 @@ AVERAGE_ATTEMPTS = 3     # all-reduce attempts per round with the same trained c
 BAN_ROUNDS = 10          # a peer whose contribution was rejected sits out this many rounds (doubling on repeats)
 LINGER = 20.0            # a peer that finished the run serves its final state this long to peers still behind
 RUN_RECORD_WAIT = 15.0  # a joiner waits this long for the swarm's run records (the creator may still be starting)
+STARTER_WAIT = 120.0    # before round 1 of a new swarm, wait at most this long for visible peers still loading
 
 
 def route_swarm_logs(log_file: Path) -> None:
@@ -71,9 +71,13 @@ class Peer(StateSync):
         self.state: TrainingState | None = None
         self.start_round = 0
         self.paused = False
+        self.loading = True           # advertised as loading (connected, model not ready) until start_advertising
+        self.training_round, self.plan_id = 0, ""
+        self.max_micro_batch = 0
         self.tokens_per_s = 0.0
         self.last_plan: RoundPlan | None = None
         self.history: dict[int, str] = {}  # recent rounds -> this peer's adapter hash
+        self.last_group: list[str] = []     # members of the last group this peer committed a round with
         self.last_speed = 0.0
         self.banned: dict[str, int] = {}    # peer -> last round it is excluded from (its contribution was rejected)
         self.missing: dict[str, float] = {}  # peer planned in but absent from the last group -> its advert's timestamp then
@@ -84,10 +88,10 @@ class Peer(StateSync):
 
     def _lock_output(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
-        self._lock_file = open(self.out / ".lock", "w")
-        try:
-            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        from swarm.lifecycle import lock_output  # a POSIX lock: hivemind's forked processes never hold it
+
+        self._lock_file = lock_output(self.out / ".lock")
+        if self._lock_file is None:
             raise SwarmError(f"output directory {self.out} is in use by another peer: give this one its own --output") from None
 
     # ------------------------------------------------------------------------------ connect
@@ -110,7 +114,9 @@ class Peer(StateSync):
         self.run, self.run_record = self._resolve_run()
         self._resolve_base()
         self._check_run()
+        self._advertise()  # "loading": a new swarm's first round waits for peers it can already see
         self._load_model()
+        self.loading = False  # ready: plannable from the next advert on (catching up included)
         from swarm.averaging import vector_size
 
         self.transport.open_averaging(run=self.run.name, vector_size=vector_size(self.vector_size),
@@ -264,6 +270,7 @@ class Peer(StateSync):
             memory_total_bytes=self.hw.memory_total_bytes, memory_usable_bytes=self.hw.memory_usable_bytes,
             throughput_tokens_per_s=float(self.tokens_per_s), max_utilization=self.args.max_utilization,
             max_micro_batch=self.max_micro_batch, start_round=self.start_round, paused=self.paused,
+            loading=self.loading, training_round=self.training_round, plan_id=self.plan_id,
             timestamp=self.transport.now())
 
     def _advertise(self) -> None:
@@ -393,6 +400,11 @@ class Peer(StateSync):
                 self.catch_up(stop, "resuming after a pause")
             return None
         self.verify_run()
+        fork = self.losing_fork()
+        if fork is not None:  # another chain of rounds outweighs ours: its state, then go on from there
+            self.history.clear()
+            self.sync_to_fork(stop, fork)
+            return None
         bad = self.disagreement() if self.history else None
         if bad is not None:
             self.history.clear()
@@ -402,14 +414,9 @@ class Peer(StateSync):
         if self.banned and any(last < rnd for last in self.banned.values()):
             self.banned = {p: last for p, last in self.banned.items() if last >= rnd}
             self.transport.ban(set(self.banned))
-        if rnd == 1 and self.args.min_peers > 1:
-            ready = [a for a in adverts if not a.paused and a.start_round <= 1]
-            if len(ready) < self.args.min_peers:
-                if not getattr(self, "_said_waiting", False):
-                    self.log.say(f"waiting for {self.args.min_peers} peers before round 1 ({len(ready)} here)")
-                    self._said_waiting = True
-                time.sleep(POLL)
-                return None
+        if rnd == 1 and self.state.round == 0 and self._wait_before_round_one(adverts):
+            time.sleep(POLL)
+            return None
         mode = "uniform" if self.args.uniform else "negotiated"
         # speeds every member of the last group measured and shared in its all-reduce: the same numbers on every
         # member (and on a joiner, which downloaded them with the state), fresher than adverts
@@ -423,10 +430,43 @@ class Peer(StateSync):
                 raise SwarmError(f"this machine cannot train run {self.run.name!r}: {ex.detail}")
             time.sleep(POLL)
             return None
+        if rnd == 1 and self.state.round == 0 and any(
+                a.training_round == 1 and a.plan_id and a.plan_id != plan.plan_id for a in adverts if a.peer_id != self.me):
+            # round 1 is under way with a plan this peer is not part of: training it anyway could commit a second
+            # round 1 (a fork); join the swarm after it instead
+            self.catch_up(stop, "round 1 of this swarm started without this peer")
+            return None
+        if (self.training_round, self.plan_id) != (rnd, plan.plan_id):
+            self.training_round, self.plan_id = rnd, plan.plan_id
+            try:
+                self._advertise()  # peers still deciding whether round 1 started without them read this
+            except Exception:
+                pass  # the advertiser thread retries
         self.last_plan = plan
         self.round_started = time.monotonic()
         self.round_started_swarm = self.transport.now()
         return plan
+
+    def _wait_before_round_one(self, adverts: list[CapabilityAdvert]) -> bool:
+        """Before round 1 of a new swarm: wait for peers that are visible but still loading (so they are in the
+        plan, not left to start a round 1 of their own), and for --min-peers. Not once round 1 is under way."""
+        others = [a for a in adverts if a.peer_id != self.me and not a.paused]
+        if any(a.training_round >= 1 for a in others if not a.loading):
+            return False
+        ready = [a for a in adverts if not a.paused and not a.loading and a.start_round <= 1]
+        loading = [a for a in others if a.loading]
+        first = getattr(self, "_waiting_since", None)
+        if first is None:
+            first = self._waiting_since = time.monotonic()
+        if len(ready) >= self.args.min_peers and (not loading or time.monotonic() - first > STARTER_WAIT):
+            return False
+        said = (len(ready), len(loading))
+        if getattr(self, "_said_waiting", None) != said:
+            self._said_waiting = said
+            want = f"{self.args.min_peers} peers" if len(ready) < self.args.min_peers else "them"
+            self.log.say(f"waiting before round 1: {len(ready)} peer(s) ready, {len(loading)} still loading; "
+                         f"waiting for {want}")
+        return True
 
     # ------------------------------------------------------------------------------ train
     def train(self, plan: RoundPlan, rnd: int, stop) -> TrainResult:
@@ -462,6 +502,8 @@ class Peer(StateSync):
                      self.banned.get(t.peer_id, 0) < rnd and t.peer_id not in gone and t.peer_id not in absent)]
 
             def abandon(group=group) -> str | None:  # a member we wait for says it won't come: stop waiting
+                if self._swarm_round() >= rnd:  # its group committed the round without this peer: catch up, not wait
+                    return f"the swarm completed round {rnd} without this peer"
                 left = {p: why for p, why in self._gone(rnd).items() if p in group}
                 return "; ".join(f"peer {p} will not be in this round: {why}" for p, why in sorted(left.items())) or None
 
@@ -474,6 +516,10 @@ class Peer(StateSync):
             if outcome.offenders:
                 self.exclude(outcome.offenders, rnd)
             absent |= set(outcome.absent) - {self.me}
+            if outcome.ok:
+                minority = self._minority(plan, outcome, rnd)
+                if minority:
+                    outcome = RoundOutcome(ok=False, reason=minority, contribution_checksum=outcome.contribution_checksum)
             if outcome.ok:
                 self.note_absent(plan, outcome, rnd)
                 break
@@ -492,15 +538,32 @@ class Peer(StateSync):
             wait_until = self.transport.now() + 2 * mm
         return outcome
 
+    def _minority(self, plan: RoundPlan, outcome: RoundOutcome, rnd: int) -> str | None:
+        """Why this group may not commit round `rnd`, or None. A round is committed only by a strict majority of
+        the peers that could be in it: those of its plan and those of the last group this peer committed with that
+        are still live (not leaving, paused, silent or joining later) -- members rejected for cause do not count.
+        Two groups can then never both commit a round, even when peers' views of the swarm (and so their plans)
+        differ for a moment. Alone, a peer commits only when nobody else could be in the round."""
+        last = set(self.last_group) - set(self._gone(rnd))
+        group = set(outcome.members) | {self.me}
+        voters = {p for p in set(plan.peer_ids) | last if self.banned.get(p, 0) < rnd} | group
+        if 2 * len(group) > len(voters):
+            return None
+        return (f"group of {len(group)} is not a majority of the {len(voters)} peers that could be in this round: "
+                "not committing it")
+
     def _die_soon(self, in_reduction: bool) -> None:
         """Fault injection: SIGKILL this peer's process group (its p2pd too) as it enters averaging, or once its
-        group has formed and the reduction runs (SWARM_CHAOS_DIE_AT=reduce; bounded: 60 s)."""
+        group has formed and the reduction runs (SWARM_CHAOS_DIE_AT=reduce; bounded: 60 s). SWARM_CHAOS_KILL=main
+        kills the main process only: its helpers must then go by themselves (swarm.lifecycle)."""
         import signal
 
         def die():
             end = time.monotonic() + 60
             while in_reduction and not self.transport.reducing() and time.monotonic() < end:
                 time.sleep(0.002)
+            if os.environ.get("SWARM_CHAOS_KILL") == "main":
+                os.kill(os.getpid(), signal.SIGKILL)
             os.killpg(os.getpgrp(), signal.SIGKILL)
 
         threading.Timer(0.05, die).start()
@@ -508,12 +571,14 @@ class Peer(StateSync):
     # ------------------------------------------------------------------------------ commit
     def commit(self, outcome: RoundOutcome, rnd: int) -> TrainingState:
         self.backend.apply_update(outcome.mean_grads)
+        self.last_group = list(outcome.members)
         # the same update on every member, from the same shared numbers: they plan the next round alike
         old = self.state.speeds
         speeds = {p: s if p not in old else 0.5 * old[p] + 0.5 * s for p, s in sorted(outcome.speeds.items())}
-        state = self._hold(TrainingState(round=rnd, adapter=self.backend.get_adapter(), optimizer=self.backend.get_optimizer(),
-                                         fingerprint=self.fingerprint, speeds=speeds,
-                                         round_seconds=outcome.slowest_seconds or None))
+        state = self._hold(self.state.successor(round_=rnd, adapter=self.backend.get_adapter(),
+                                                optimizer=self.backend.get_optimizer(), update_sha256=outcome.update_sha256,
+                                                tokens=outcome.group_tokens, speeds=speeds,
+                                                round_seconds=outcome.slowest_seconds or None))
         self.save_outputs(state)
         return state
 
@@ -543,12 +608,13 @@ class Peer(StateSync):
             "deadline_seconds": round(plan.deadline_seconds, 3), "cut_short": self.pacer.cut_short, "time": time.time(),
             "members": outcome.members, "grad_norm": outcome.grad_norm, "contribution_checksum": outcome.contribution_checksum,
             "sum_checksum": outcome.sum_checksum, "excluded": sorted(p for p, last in self.banned.items() if last >= state.round),
+            "lineage": state.lineage, "work": state.work, **self.take_lost_work(),
         })
         self.members.report(self.run.name, ProgressRecord(
             peer_id=self.me, round=state.round, adapter_sha256=digest, loss=loss, tokens_per_s=tps,
             quota_tokens=task.quota_tokens, micro_batch=task.micro_batch, plan_id=plan.plan_id,
             backend=self.backend.name, history={str(r): h for r, h in self.history.items()},
-            timestamp=self.transport.now()))
+            **self.chain_fields(state), timestamp=self.transport.now()))
         self.log.say(f"loss {loss if loss is not None else float('nan'):.4f} | {train.tokens} tok, {tps:.0f} tok/s | "
                      f"group {outcome.group_size} ({outcome.group_tokens} tok) | wait {outcome.reduce_seconds:.2f}s | "
                      f"adapter {digest[:12]}", state.round)
@@ -584,7 +650,7 @@ class Peer(StateSync):
             self._advertise()
             self.members.report(self.run.name, ProgressRecord(
                 peer_id=self.me, round=state.round, adapter_sha256=state.adapter_sha256, state="leaving",
-                timestamp=self.transport.now()))
+                **self.chain_fields(state), timestamp=self.transport.now()))
         except Exception:
             pass
         self.log.say(f"left after round {state.round} (adapter {state.adapter_sha256[:12]}); output in {self.out}")
@@ -595,8 +661,6 @@ class Peer(StateSync):
             self.monitor.stop()
         if self.transport is not None:
             self.transport.shutdown()
-        try:
-            fcntl.flock(self._lock_file, fcntl.LOCK_UN)
-            self._lock_file.close()
-        except Exception:
-            pass
+        from swarm.lifecycle import unlock_output
+
+        unlock_output(getattr(self, "_lock_file", None))

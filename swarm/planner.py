@@ -10,7 +10,7 @@ agreement: averaging is weighted by the tokens each peer actually trained.
 
 How a plan is made (mode "negotiated"; "uniform" differs only in step 3):
 
-1. Eligibility. An advert takes part when its run is this run, it is not paused, its
+1. Eligibility. An advert takes part when its run is this run, it is not paused or loading, its
    `start_round` <= round, its `max_micro_batch` >= 1 and its effective speed
    (`throughput_tokens_per_s * max_utilization`) is at least `MIN_TOKENS_PER_S`. Every other
    advert is listed in `excluded` with a reason code and a one-line detail. If a peer id appears
@@ -54,7 +54,7 @@ from swarm.config import RunConfig
 from swarm.records import CapabilityAdvert
 
 Mode = Literal["negotiated", "uniform"]
-ExclusionReason = Literal["wrong_run", "paused", "not_started", "does_not_fit", "no_throughput"]
+ExclusionReason = Literal["wrong_run", "paused", "loading", "not_started", "does_not_fit", "no_throughput"]
 
 DEFAULT_SLACK = 1.5
 DEFAULT_MARGIN_SECONDS = 2.0
@@ -175,6 +175,8 @@ def _exclusion(a: CapabilityAdvert, run: str, round: int) -> Exclusion | None:
         return Exclusion(a.peer_id, "wrong_run", f"advertises run {a.run!r}, not {run!r}")
     if a.paused:
         return Exclusion(a.peer_id, "paused", "paused by its owner")
+    if a.loading:
+        return Exclusion(a.peer_id, "loading", "still loading its model")
     if a.start_round > round:
         return Exclusion(a.peer_id, "not_started", f"starts at round {a.start_round}")
     if a.max_micro_batch < 1:

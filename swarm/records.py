@@ -55,6 +55,9 @@ class CapabilityAdvert(_Wire):
     max_micro_batch: int = Field(ge=0, le=1 << 20, description="largest micro-batch that fits this peer's memory for the run")
     start_round: int = Field(0, ge=0, le=1 << 53, description="first global round this peer contributes to")
     paused: bool = False
+    loading: bool = Field(False, description="connected, still loading its model: not plannable yet, but round 1 waits for it")
+    training_round: int = Field(0, ge=0, le=1 << 53, description="round this peer is training now (0: none yet)")
+    plan_id: str = Field("", max_length=64, description="plan of the round it is training (planner.RoundPlan.plan_id)")
     timestamp: float = Field(ge=0.0, le=MAX_TIME, description="sender's DHT time when the advert was written")
 
     @field_validator("peer_id", "run", "device")
@@ -130,14 +133,21 @@ class ProgressRecord(_Wire):
     state: Literal["training", "paused", "leaving"] = "training"
     backend: str = Field("torch", max_length=16, description="framework: adapters agree bit for bit only within one")
     history: dict[str, str] = Field(default_factory=dict, description="recent rounds -> adapter sha256 (agreement checks)")
+    lineage: str = Field("", max_length=64, description="lineage of this peer's state (checkpoint.TrainingState.lineage)")
+    work: int = Field(0, ge=0, le=1 << 62, description="tokens trained in rounds 1..round on this peer's chain")
+    lineages: dict[str, str] = Field(default_factory=dict, description="recent rounds -> lineage (fork checks, any framework)")
     timestamp: float = Field(ge=0.0)
 
-    @field_validator("history")
+    @field_validator("history", "lineages")
     @classmethod
     def _short_history(cls, v: dict[str, str]) -> dict[str, str]:
         if len(v) > 16 or any(not k.isdigit() or len(k) > 12 or len(h) > 64 for k, h in v.items()):
             raise ValueError("history must map at most 16 round numbers to hashes")
         return v
+
+    def lineage_at(self, rnd: int) -> str | None:
+        """This peer's lineage after round `rnd`, if it reports it."""
+        return self.lineage if rnd == self.round and self.lineage else self.lineages.get(str(rnd))
 
     @field_validator("loss", "tokens_per_s", "timestamp")
     @classmethod

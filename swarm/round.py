@@ -6,6 +6,7 @@ none) and the caller commits it with the optimizer or rolls back (= applies noth
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -74,18 +75,22 @@ class RoundOutcome:
     contribution_checksum: int | None = None  # linear checksum of this peer's encoded contribution
     grad_norm: float | None = None            # this peer's clipped gradient norm (announced to the group)
     sum_checksum: int | None = None           # ... of the exact integer sum the group applied
+    update_sha256: str = ""                   # hash of the averaged update (bit-identical on every member)
 
 
 def average_round(transport: Transport, train: TrainResult, *, names: list[str], shapes: dict[str, tuple[int, ...]],
                   round_: int, plan_id: str, group_size: int, clip_norm: float, timeout: float,
                   run: str, wait_until: float | None = None, speed: float = 0.0,
                   quotas: dict[str, int] | None = None, max_tokens: int = MAX_TOKENS_PER_PEER,
-                  abandon=None) -> RoundOutcome:
+                  abandon=None, lineage: str = "") -> RoundOutcome:
     """All-reduce this peer's clipped, token-weighted gradient with the group; validate everything.
 
     `quotas`: each peer's token quota in plan `plan_id` (a member of the same plan claiming more
     tokens is rejected); `max_tokens`: the most any member may claim (the round's whole budget);
-    `abandon`: asked while no group has formed, a reason it gives ends this attempt early."""
+    `abandon`: asked while no group has formed, a reason it gives ends this attempt early;
+    `lineage`: the state this peer starts the round from (`TrainingState.lineage`): it is part of the
+    group key and of the signed announcement, so only members starting from the same state average
+    together; a member announcing another lineage fails the attempt before its part is used."""
     values = sum(int(np.prod(shapes[n])) for n in names)
     salt = new_salt()
     try:
@@ -97,12 +102,12 @@ def average_round(transport: Transport, train: TrainResult, *, names: list[str],
     mine = checksum(data_values(vector, values))
     gather = {"peer": transport.peer_id, "round": round_, "tokens": train.tokens, "loss_sum": float(train.loss_sum),
               "plan": plan_id, "salt": salt, "norm": float(norm), "seconds": float(train.seconds), "speed": float(speed),
-              "arrived": float(transport.now())}
+              "arrived": float(transport.now()), "lineage": lineage}
     if group_size <= 1:
         result_vec, gathered, seconds = vector, {transport.peer_id: gather}, 0.0
     else:
         try:
-            res = transport.all_reduce(vector, group_key=f"{run}.r{round_}", group_size=group_size, gather=gather,
+            res = transport.all_reduce(vector, group_key=f"{run}.r{round_}.{lineage[:16]}", group_size=group_size, gather=gather,
                                        timeout=timeout, wait_until=wait_until, abandon=abandon)
         except TransportError as e:
             return RoundOutcome(ok=False, reason=str(e), contribution_checksum=mine)
@@ -115,6 +120,9 @@ def average_round(transport: Transport, train: TrainResult, *, names: list[str],
                 or type(g.get("salt")) is not int or not 0 < g["salt"] < 1 << 40:
             why = f"it sent bad round metadata: {str(g)[:120]}"
             return RoundOutcome(ok=False, reason=f"peer {peer}: {why}", offenders={peer: why}, contribution_checksum=mine)
+        if g.get("lineage") != lineage:  # not an offence: it starts from another state (a fork) and must sync first
+            return RoundOutcome(ok=False, reason=f"peer {peer} starts this round from another state "
+                                f"({str(g.get('lineage'))[:12]}, this peer {lineage[:12]})", contribution_checksum=mine)
         quota = quotas.get(peer) if quotas is not None and g.get("plan") == plan_id else None
         if g["tokens"] > min(max_tokens, quota if quota is not None else max_tokens):
             why = (f"it claims {g['tokens']} tokens, its quota in this round's plan is {quota}" if quota is not None
@@ -137,7 +145,8 @@ def average_round(transport: Transport, train: TrainResult, *, names: list[str],
     if avg.tokens != tokens:
         return RoundOutcome(ok=False, reason=f"group says it trained {tokens} tokens but averaged {avg.tokens}",
                             contribution_checksum=mine)
-    return RoundOutcome(ok=True, mean_grads=unflatten(avg.mean_grad, names, shapes), group_tokens=tokens,
+    update = hashlib.sha256(np.ascontiguousarray(avg.mean_grad, dtype=np.float64).tobytes()).hexdigest()
+    return RoundOutcome(ok=True, mean_grads=unflatten(avg.mean_grad, names, shapes), group_tokens=tokens, update_sha256=update,
                         group_size=len(gathered), group_loss=loss / tokens, members=members,
                         reduce_seconds=seconds, slowest_seconds=slowest, speeds=speeds,
                         barrier_wait=max(0.0, min(max(arrivals, default=0.0) - gather["arrived"], seconds)),

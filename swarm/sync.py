@@ -2,6 +2,18 @@
 
 A mixin of `swarm.peer.Peer` (it uses the peer's transport, membership, backend and run): the
 rules for never training on stale state live here, apart from the round loop.
+
+Forks. Members average only with members of the same lineage (`checkpoint` docstring) and a round is
+committed only by a majority of its plan, so one plan never yields two round-N states; but peers whose
+views differ (a start-up race, a partition that heals, two swarms bridged by a peer that knows both)
+can still build two chains. Every peer reports (round, lineage, work, recent lineages) in its progress
+record; two records are on different chains when their lineages differ at a round both report. The
+rule every peer applies to what it sees: the chain whose live head has the most work (tokens trained
+since round 0) survives, ties going to the smaller lineage hash. A peer on another chain stops,
+downloads the survivor's state (verified: it descends from the survivor's head and a peer of that
+chain reports it), logs the rounds and tokens it lost and writes them in its next metrics row
+(`lost_rounds`, `lost_tokens`). The peer that yields never grows its chain again before syncing, and
+the survivor's work only grows, so two chains never yield to each other.
 """
 
 from __future__ import annotations
@@ -13,8 +25,33 @@ from swarm import SwarmError, checkpoint
 from swarm.adapters import initial_adapter
 from swarm.backends.base import OptimizerState
 from swarm.checkpoint import StateError, TrainingState
+from swarm.records import ProgressRecord
 
 POLL = 0.2
+FORK_SYNC_TIMEOUT = 90.0   # how long a peer on a losing fork tries to get the survivor's state
+FORK_IGNORE = 120.0        # a survivor whose state could not be had is not chased again for this long
+
+
+def relation(a: dict[int, str], b: dict[int, str]) -> bool | None:
+    """Are two chains, given as round -> lineage for the rounds each reports, the same (True), forked (False),
+    or is there no round both report (None)? Judged at the latest round both report."""
+    common = set(a) & set(b)
+    if not common:
+        return None
+    r = max(common)
+    return a[r] == b[r]
+
+
+def heavier(a: tuple[int, str], b: tuple[int, str]) -> bool:
+    """Does chain head a = (work, lineage) survive over b? More work; equal work: the smaller lineage hash."""
+    return a[0] > b[0] or (a[0] == b[0] and a[1] < b[1])
+
+
+def chain_of(p: ProgressRecord) -> dict[int, str]:
+    out = {int(r): h for r, h in p.lineages.items()}
+    if p.lineage:
+        out[p.round] = p.lineage
+    return out
 
 
 class StateSync:
@@ -54,8 +91,112 @@ class StateSync:
         return self.catch_up(stop, f"the swarm is at round {swarm_round}")
 
     def _swarm_round(self) -> int:
-        # leaving peers count too: their round was reached, so state older than it is stale
-        return max((p.round for p in self.members.progress(self.run.name) if p.peer_id != self.me), default=0)
+        # leaving peers count too: their round was reached, so state older than it is stale; peers on another
+        # chain (a fork this peer's chain outweighs) do not: their rounds are not this swarm's
+        mine = self.my_chain()
+        return max((p.round for p in self.members.progress(self.run.name)
+                    if p.peer_id != self.me and relation(chain_of(p), mine) is not False), default=0)
+
+    # --- forks -----------------------------------------------------------------------------------
+    def my_chain(self) -> dict[int, str]:
+        state = self.state
+        return {r: lin for r, (lin, _) in state.ancestry.items()} if state is not None else {}
+
+    def chain_fields(self, state: TrainingState) -> dict:
+        """What a progress record says of this peer's chain: lineage, work and the last 8 rounds' lineages."""
+        recent = sorted(state.ancestry)[-8:]
+        return {"lineage": state.lineage, "work": state.work,
+                "lineages": {str(r): state.ancestry[r][0] for r in recent}}
+
+    def take_lost_work(self) -> dict:
+        lost, self._lost = getattr(self, "_lost", None) or {"lost_rounds": 0, "lost_tokens": 0}, None
+        return lost
+
+    def _plausible(self, p: ProgressRecord) -> bool:
+        """A record's work cannot exceed what its rounds could have trained (a claim beyond is not a chain)."""
+        from swarm.averaging import MAX_GROUP_SIZE
+
+        t = self.run.train
+        return p.work <= p.round * max(t.tokens_per_round + t.seq_len * MAX_GROUP_SIZE, 1)
+
+    def losing_fork(self) -> ProgressRecord | None:
+        """The head of a live chain that outweighs this peer's (see the module docstring), or None."""
+        if self.state is None:
+            return None
+        mine = self.my_chain()
+        adverts = self.members.adverts(self.run.name)
+        live = {a.peer_id for a in adverts} - set(self._silent(adverts))
+        ignored = {k: t for k, t in getattr(self, "_fork_ignored", {}).items() if t > time.monotonic()}
+        self._fork_ignored = ignored
+        head = (self.state.work, self.state.lineage)
+        rivals = []
+        for p in self.members.progress(self.run.name):
+            if p.peer_id == self.me or not p.lineage or not self._plausible(p) or self.banned.get(p.peer_id, 0) >= p.round:
+                continue
+            rel = relation(chain_of(p), mine)
+            if rel is True:
+                head = (p.work, p.lineage) if heavier((p.work, p.lineage), head) else head
+            elif rel is False and p.state != "leaving" and p.peer_id in live and p.lineage not in ignored:
+                rivals.append(p)
+        best = min(rivals, key=lambda p: (-p.work, p.lineage), default=None)
+        return best if best is not None and heavier((best.work, best.lineage), head) else None
+
+    def sync_to_fork(self, stop, winner: ProgressRecord) -> TrainingState:
+        """Replace this peer's state with the surviving chain's; report the work this peer's chain lost."""
+        old = self.state
+        self.log.warn(f"this peer's chain (round {old.round}, work {old.work} tokens, lineage {old.lineage[:12]}) "
+                      f"forked from a heavier one (peer {winner.peer_id}: round {winner.round}, work {winner.work} tokens, "
+                      f"lineage {winner.lineage[:12]}): switching to it", old.round + 1)
+        self.start_round = winner.round + 1
+        self.training_round, self.plan_id = 0, ""
+        self._advertise()
+        stale: set[str] = set()
+        end = time.monotonic() + FORK_SYNC_TIMEOUT
+        backoff = 0.5
+        while not stop() and time.monotonic() < end:
+            got = self.transport.download_state(timeout=10.0, min_round=winner.round, skip=stale)
+            if got is not None:
+                meta, arrays, source = got
+                try:
+                    state = TrainingState.from_wire(meta, arrays, self.shapes, self.fingerprint, source=f"peer {source}")
+                except StateError as e:
+                    self.log.warn(f"rejected downloaded state: {e}; not downloading from it again")
+                    self.transport.distrust(source)
+                    continue
+                on_chain = state.ancestry.get(winner.round, ("",))[0] == winner.lineage
+                vouched = any(p.peer_id != self.me and chain_of(p).get(state.round) == state.lineage
+                              for p in self.members.progress(self.run.name))
+                if on_chain and vouched:
+                    self._adopt(state, f"downloaded state of round {state.round} (adapter {state.adapter_sha256[:12]}) "
+                                       "from the surviving chain")
+                    self._lost = lost_work(old, state)
+                    self.log.warn(f"lost {self._lost['lost_rounds']} round(s) ({self._lost['lost_tokens']} tokens) "
+                                  "of the chain this peer was on", state.round)
+                    return state
+                stale.add(source)  # the losing chain's state, or not yet vouched for: ask the others first
+            else:
+                stale.clear()
+            time.sleep(backoff)
+            backoff = min(2 * backoff, 4.0)
+        self._fork_ignored[winner.lineage] = time.monotonic() + FORK_IGNORE
+        self.start_round = old.round + 1
+        self._advertise()
+        if not stop():
+            self.log.warn(f"could not get the state of peer {winner.peer_id}'s chain in {FORK_SYNC_TIMEOUT:.0f}s: "
+                          "going on with this peer's own")
+        return old
+
+    def _adopt(self, state: TrainingState, what: str) -> None:
+        self.start_round = state.round + 1
+        self.training_round, self.plan_id = 0, ""
+        self._advertise()
+        self.log.say(what)
+        # the peers that report this round are the group that committed it: the next round needs a majority of them
+        self.last_group = [p.peer_id for p in self.members.progress(self.run.name)
+                           if p.peer_id != self.me and chain_of(p).get(state.round) == state.lineage]
+        self._set_state(state)
+        self.save_outputs(state)  # --output holds the swarm's state even if this peer leaves now
+        checkpoint.save(self.out / "checkpoint", state)
 
     def catch_up(self, stop, why: str) -> TrainingState:
         """Announce the round we will join at, wait for the swarm to reach it, download and verify its state."""
@@ -84,16 +225,12 @@ class StateSync:
                     self.log.warn(f"rejected downloaded state: {e}; not downloading from it again")
                     self.transport.distrust(source)
                 else:
-                    confirmed = self.confirmed(state.round, state.adapter_sha256) if state.round >= target else False
+                    confirmed = self.confirmed(state.round, state.adapter_sha256, state.lineage) \
+                        if state.round >= target else False
                     if state.round < target:
                         stale.add(source)
                     if confirmed:
-                        self.start_round = state.round + 1
-                        self._advertise()
-                        self.log.say(f"downloaded state of round {state.round} (adapter {state.adapter_sha256[:12]})")
-                        self._set_state(state)
-                        self.save_outputs(state)  # --output holds the swarm's state even if this peer leaves now
-                        checkpoint.save(self.out / "checkpoint", state)
+                        self._adopt(state, f"downloaded state of round {state.round} (adapter {state.adapter_sha256[:12]})")
                         return state
                     if confirmed is None:
                         self.log.warn(f"rejected state of round {state.round} from peer {source}: adapter "
@@ -106,16 +243,22 @@ class StateSync:
             return self.state
         raise SwarmError("could not get the swarm's state: no live peer served a verified copy in time")
 
-    def confirmed(self, rnd: int, digest: str) -> bool | None:
+    def confirmed(self, rnd: int, digest: str, lineage: str | None = None) -> bool | None:
         """Is `digest` the swarm's adapter after round `rnd`, by the word of the peers that have passed it?
         True: more than half of them (of one framework) report it, or none has (nothing to compare with);
         False: reports are split (retry: they lag a commit by a moment); None: a majority reports another
-        hash (reject it, and its source)."""
+        hash (reject it, and its source). `lineage` (the state's, which covers its pace and work): more than
+        half of the peers of any framework that report a lineage for round `rnd` must report this one."""
         by_backend: dict[str, list[str | None]] = {}
+        lineages: list[str | None] = []
         for p in self.members.progress(self.run.name):
             if p.peer_id != self.me and p.state != "leaving" and p.round >= rnd and self.banned.get(p.peer_id, 0) < rnd:
                 said = p.history.get(str(rnd)) or (p.adapter_sha256 if p.round == rnd else None)
                 by_backend.setdefault(p.backend, []).append(said)
+                if chain_of(p).get(rnd):
+                    lineages.append(chain_of(p)[rnd])
+        if lineage is not None and lineages and 2 * lineages.count(lineage) <= len(lineages):
+            return None if any(2 * lineages.count(h) > len(lineages) for h in set(lineages)) else False
         if not by_backend:
             return True
         contradicted = False
@@ -143,3 +286,13 @@ class StateSync:
                     return r
         return None
 
+
+
+def lost_work(old: TrainingState, new: TrainingState) -> dict:
+    """Rounds and tokens of `old`'s chain that are not on `new`'s: since the last round both chains share."""
+    a, b = old.ancestry, new.ancestry
+    shared = [r for r in a if r in b and a[r][0] == b[r][0]]
+    if shared:
+        fork = max(shared)
+        return {"lost_rounds": max(old.round - fork, 0), "lost_tokens": max(old.work - a[fork][1], 0)}
+    return {"lost_rounds": old.round, "lost_tokens": old.work}  # split before what both remember (256 rounds)

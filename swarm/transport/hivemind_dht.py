@@ -84,11 +84,27 @@ def peer_id_of(identity: Path) -> str:
     return owner_of(RSASignatureValidator(load_identity(identity)).local_public_key)
 
 
+def _die_when_serving(provider: StateProvider, flag: str) -> StateProvider:
+    def serve():
+        try:
+            os.unlink(flag)  # one-shot: only one peer of a swarm takes it
+        except OSError:
+            return provider()
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    return serve
+
+
 class HivemindTransport:
     """DHT membership starts at construction; averaging opens once the run (and so the vector size) is known."""
 
     def __init__(self, *, host: str = "0.0.0.0", port: int = 0, initial_peers: list[str] | None = None,
                  identity: Path | None = None, client_mode: bool = False, log_file: Path | None = None) -> None:
+        from swarm.lifecycle import guard
+
+        guard()  # hivemind's DHT, averager and p2pd end with this process, however it ends
         route_hivemind_logs(log_file)
         self._key = load_identity(identity)
         self._signer = RSASignatureValidator(self._key)
@@ -249,6 +265,9 @@ class HivemindTransport:
 
     # --- state -----------------------------------------------------------------------------
     def serve_state(self, provider: StateProvider) -> None:
+        flag = os.environ.get("SWARM_CHAOS_DIE_SERVING")
+        if flag:  # fault injection (tests, scripts/bench_kill.py): the one peer that takes the flag file dies
+            provider = _die_when_serving(provider, flag)  # (its main process only) as it serves a state download
         self._averager.state_provider = provider
 
     def announce_state_round(self, round_: int) -> None:
