@@ -512,7 +512,8 @@ class Peer(StateSync):
                                     clip_norm=self.run.train.max_grad_norm, timeout=timeout, run=self.run.name,
                                     wait_until=wait_until, speed=self.last_speed,
                                     quotas={t.peer_id: t.quota_tokens for t in plan.tasks},
-                                    max_tokens=self.run.train.tokens_per_round, abandon=abandon)
+                                    max_tokens=self.run.train.tokens_per_round, abandon=abandon,
+                                    lineage=self.state.lineage)
             if outcome.offenders:
                 self.exclude(outcome.offenders, rnd)
             absent |= set(outcome.absent) - {self.me}

@@ -82,7 +82,7 @@ def average_round(transport: Transport, train: TrainResult, *, names: list[str],
                   round_: int, plan_id: str, group_size: int, clip_norm: float, timeout: float,
                   run: str, wait_until: float | None = None, speed: float = 0.0,
                   quotas: dict[str, int] | None = None, max_tokens: int = MAX_TOKENS_PER_PEER,
-                  abandon=None, lineage: str = "") -> RoundOutcome:
+                  lineage: str, abandon=None) -> RoundOutcome:
     """All-reduce this peer's clipped, token-weighted gradient with the group; validate everything.
 
     `quotas`: each peer's token quota in plan `plan_id` (a member of the same plan claiming more

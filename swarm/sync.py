@@ -272,12 +272,17 @@ class StateSync:
         """The latest recent round where this peer's adapter is not the swarm's (majority; ties: smallest hash).
 
         Only peers of the same framework vote: torch and MLX peers agree within float tolerance, not bit for bit.
+        And only for rounds where they report this peer's lineage: a peer on another chain is a fork, which
+        `losing_fork` settles by work, not by a head count.
         """
         votes: dict[int, Counter] = {}
+        mine = self.my_chain()
         for p in self.members.progress(self.run.name):
             if p.peer_id != self.me and p.state != "leaving" and p.backend == self.backend.name:
+                theirs = chain_of(p)
                 for r, h in p.history.items():
-                    votes.setdefault(int(r), Counter())[h] += 1
+                    if not theirs or theirs.get(int(r)) == mine.get(int(r)):
+                        votes.setdefault(int(r), Counter())[h] += 1
         for r in sorted(self.history, reverse=True):
             if r in votes:
                 c = votes[r] + Counter({self.history[r]: 1})

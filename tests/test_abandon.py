@@ -65,10 +65,11 @@ def pair():
         t.shutdown()
 
 
-def _round(t, rnd, abandon=None, grad=0.01, wait=30.0):
+def _round(t, rnd, abandon=None, grad=0.01, wait=30.0, lineage="0" * 64):
     train = TrainResult(grads={"w": np.full(768, grad, dtype=np.float32)}, tokens=128, loss_sum=1.0, seconds=0.1)
     return average_round(t, train, names=["w"], shapes={"w": (768,)}, round_=rnd, plan_id="p", group_size=2,
-                         clip_norm=1.0, timeout=wait + 10, run="abandon", wait_until=t.now() + wait, abandon=abandon)
+                         clip_norm=1.0, timeout=wait + 10, run="abandon", wait_until=t.now() + wait, abandon=abandon,
+                         lineage=lineage)
 
 
 def test_an_attempt_is_abandoned_as_soon_as_a_member_says_it_wont_come_and_the_averager_still_works(pair):
@@ -109,3 +110,18 @@ def test_a_peer_whose_advert_stops_changing_is_silent_by_our_own_clock(monkeypat
         silent = p._silent([alive, dead])
     assert set(silent) == {"dead"} and silent["dead"] == pytest.approx(20.0)
     assert p._gone(3) == {"dead": "it stopped advertising 20s ago"}
+
+
+def test_members_starting_from_different_states_never_average_together(pair):
+    """The state's lineage is part of the group key: two peers on different chains find no group (nothing is
+    summed, nothing committed); on the same lineage they average."""
+    a, b = pair
+    results = {}
+    threads = [threading.Thread(target=lambda t=t, lin=lin: results.__setitem__(t.peer_id, _round(t, 5, wait=3.0, lineage=lin)))
+               for t, lin in ((a, "a" * 64), (b, "b" * 64))]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout=60)
+    assert len(results) == 2 and not any(r.ok for r in results.values()), [r.reason for r in results.values()]
+    assert all(r.mean_grads is None for r in results.values())
