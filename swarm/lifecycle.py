@@ -47,7 +47,10 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import psutil
 
 OWNERS_ENV = "SWARM_OWNERS"  # space-separated tokens, one per guarded ancestor
 SCAN_PERIOD = 1.0            # seconds between scans of main's descendants

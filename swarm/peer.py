@@ -17,6 +17,7 @@ import numpy as np
 
 from swarm import PROTOCOL_VERSION, SwarmError
 from swarm.adapters import save_mlx_adapter, save_peft_adapter
+from swarm.agreement import commit_blocker, round_one_started_without, round_one_wait
 from swarm.backends.base import TrainResult
 from swarm.checkpoint import TrainingState
 from swarm.config import RunConfig, default_run, load_config
@@ -430,8 +431,7 @@ class Peer(StateSync):
                 raise SwarmError(f"this machine cannot train run {self.run.name!r}: {ex.detail}")
             time.sleep(POLL)
             return None
-        if rnd == 1 and self.state.round == 0 and any(
-                a.training_round == 1 and a.plan_id and a.plan_id != plan.plan_id for a in adverts if a.peer_id != self.me):
+        if rnd == 1 and self.state.round == 0 and round_one_started_without(adverts, me=self.me, plan_id=plan.plan_id):
             # round 1 is under way with a plan this peer is not part of: training it anyway could commit a second
             # round 1 (a fork); join the swarm after it instead
             self.catch_up(stop, "round 1 of this swarm started without this peer")
@@ -448,25 +448,15 @@ class Peer(StateSync):
         return plan
 
     def _wait_before_round_one(self, adverts: list[CapabilityAdvert]) -> bool:
-        """Before round 1 of a new swarm: wait for peers that are visible but still loading (so they are in the
-        plan, not left to start a round 1 of their own), and for --min-peers. Not once round 1 is under way."""
-        others = [a for a in adverts if a.peer_id != self.me and not a.paused]
-        if any(a.training_round >= 1 for a in others if not a.loading):
-            return False
-        ready = [a for a in adverts if not a.paused and not a.loading and a.start_round <= 1]
-        loading = [a for a in others if a.loading]
-        first = getattr(self, "_waiting_since", None)
-        if first is None:
-            first = self._waiting_since = time.monotonic()
-        if len(ready) >= self.args.min_peers and (not loading or time.monotonic() - first > STARTER_WAIT):
-            return False
-        said = (len(ready), len(loading))
-        if getattr(self, "_said_waiting", None) != said:
-            self._said_waiting = said
-            want = f"{self.args.min_peers} peers" if len(ready) < self.args.min_peers else "them"
-            self.log.say(f"waiting before round 1: {len(ready)} peer(s) ready, {len(loading)} still loading; "
-                         f"waiting for {want}")
-        return True
+        """Before round 1 of a new swarm: wait for --min-peers and for visible peers still loading (agreement)."""
+        first = self._waiting_since = getattr(self, "_waiting_since", None) or time.monotonic()
+        wait, ready, loading = round_one_wait(adverts, me=self.me, min_peers=self.args.min_peers,
+                                              waited=time.monotonic() - first, max_wait=STARTER_WAIT)
+        if wait and getattr(self, "_said_waiting", None) != (ready, loading):
+            self._said_waiting = (ready, loading)
+            want = f"{self.args.min_peers} peers" if ready < self.args.min_peers else "them"
+            self.log.say(f"waiting before round 1: {ready} peer(s) ready, {loading} still loading; waiting for {want}")
+        return wait
 
     # ------------------------------------------------------------------------------ train
     def train(self, plan: RoundPlan, rnd: int, stop) -> TrainResult:
@@ -540,18 +530,9 @@ class Peer(StateSync):
         return outcome
 
     def _minority(self, plan: RoundPlan, outcome: RoundOutcome, rnd: int) -> str | None:
-        """Why this group may not commit round `rnd`, or None. A round is committed only by a strict majority of
-        the peers that could be in it: those of its plan and those of the last group this peer committed with that
-        are still live (not leaving, paused, silent or joining later) -- members rejected for cause do not count.
-        Two groups can then never both commit a round, even when peers' views of the swarm (and so their plans)
-        differ for a moment. Alone, a peer commits only when nobody else could be in the round."""
-        last = set(self.last_group) - set(self._gone(rnd))
-        group = set(outcome.members) | {self.me}
-        voters = {p for p in set(plan.peer_ids) | last if self.banned.get(p, 0) < rnd} | group
-        if 2 * len(group) > len(voters):
-            return None
-        return (f"group of {len(group)} is not a majority of the {len(voters)} peers that could be in this round: "
-                "not committing it")
+        """Why this group may not commit round `rnd` (a strict majority of who could be in it), or None."""
+        return commit_blocker(me=self.me, planned=plan.peer_ids, last_group=self.last_group, group=outcome.members,
+                              gone=self._gone(rnd), banned=self.banned, rnd=rnd)
 
     def _die_soon(self, in_reduction: bool) -> None:
         """Fault injection: SIGKILL this peer's process group (its p2pd too) as it enters averaging, or once its

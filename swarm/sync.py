@@ -3,17 +3,11 @@
 A mixin of `swarm.peer.Peer` (it uses the peer's transport, membership, backend and run): the
 rules for never training on stale state live here, apart from the round loop.
 
-Forks. Members average only with members of the same lineage (`checkpoint` docstring) and a round is
-committed only by a majority of its plan, so one plan never yields two round-N states; but peers whose
-views differ (a start-up race, a partition that heals, two swarms bridged by a peer that knows both)
-can still build two chains. Every peer reports (round, lineage, work, recent lineages) in its progress
-record; two records are on different chains when their lineages differ at a round both report. The
-rule every peer applies to what it sees: the chain whose live head has the most work (tokens trained
-since round 0) survives, ties going to the smaller lineage hash. A peer on another chain stops,
-downloads the survivor's state (verified: it descends from the survivor's head and a peer of that
-chain reports it), logs the rounds and tokens it lost and writes them in its next metrics row
-(`lost_rounds`, `lost_tokens`). The peer that yields never grows its chain again before syncing, and
-the survivor's work only grows, so two chains never yield to each other.
+Forks (the rules are in `swarm.agreement`): every peer reports (round, lineage, work, recent lineages)
+in its progress record; two records are on different chains when their lineages differ at a round
+both report. A peer whose chain is outweighed by a live one stops, downloads the survivor's state
+(verified: it descends from the survivor's head and a peer of that chain reports it), logs the rounds
+and tokens it lost and writes them in its next metrics row (`lost_rounds`, `lost_tokens`).
 """
 
 from __future__ import annotations
@@ -25,33 +19,12 @@ from swarm import SwarmError, checkpoint
 from swarm.adapters import initial_adapter
 from swarm.backends.base import OptimizerState
 from swarm.checkpoint import StateError, TrainingState
+from swarm.agreement import chain_of, heavier, lost_work, relation
 from swarm.records import ProgressRecord
 
 POLL = 0.2
 FORK_SYNC_TIMEOUT = 90.0   # how long a peer on a losing fork tries to get the survivor's state
 FORK_IGNORE = 120.0        # a survivor whose state could not be had is not chased again for this long
-
-
-def relation(a: dict[int, str], b: dict[int, str]) -> bool | None:
-    """Are two chains, given as round -> lineage for the rounds each reports, the same (True), forked (False),
-    or is there no round both report (None)? Judged at the latest round both report."""
-    common = set(a) & set(b)
-    if not common:
-        return None
-    r = max(common)
-    return a[r] == b[r]
-
-
-def heavier(a: tuple[int, str], b: tuple[int, str]) -> bool:
-    """Does chain head a = (work, lineage) survive over b? More work; equal work: the smaller lineage hash."""
-    return a[0] > b[0] or (a[0] == b[0] and a[1] < b[1])
-
-
-def chain_of(p: ProgressRecord) -> dict[int, str]:
-    out = {int(r): h for r, h in p.lineages.items()}
-    if p.lineage:
-        out[p.round] = p.lineage
-    return out
 
 
 class StateSync:
@@ -292,12 +265,3 @@ class StateSync:
         return None
 
 
-
-def lost_work(old: TrainingState, new: TrainingState) -> dict:
-    """Rounds and tokens of `old`'s chain that are not on `new`'s: since the last round both chains share."""
-    a, b = old.ancestry, new.ancestry
-    shared = [r for r in a if r in b and a[r][0] == b[r][0]]
-    if shared:
-        fork = max(shared)
-        return {"lost_rounds": max(old.round - fork, 0), "lost_tokens": max(old.work - a[fork][1], 0)}
-    return {"lost_rounds": old.round, "lost_tokens": old.work}  # split before what both remember (256 rounds)

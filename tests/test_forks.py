@@ -12,7 +12,8 @@ from swarm.checkpoint import StateError, TrainingState, genesis_lineage
 from swarm.planner import PeerTask, RoundPlan
 from swarm.records import CapabilityAdvert, ProgressRecord
 from swarm.round import RoundOutcome
-from swarm.sync import StateSync, chain_of, heavier, lost_work, relation
+from swarm.agreement import chain_of, heavier, lost_work, relation
+from swarm.sync import StateSync
 
 SHAPES = {"m.lora_A": (2, 4), "m.lora_B": (4, 2)}
 

@@ -14,7 +14,7 @@ import fork_trials  # noqa: E402
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.parametrize("peers,seed,busy", [(4, 11, 0), (3, 12, 2)], ids=["4-peers", "3-peers-busy-cores"])
+@pytest.mark.parametrize("peers,seed,busy", [(5, 11, 0), (3, 12, 2)], ids=["5-peers", "3-peers-busy-cores"])
 def test_hand_started_peers_commit_the_same_adapter_every_round(tmp_path, peers, seed, busy):
     res = fork_trials.trial(tmp_path, peers=peers, rounds=18, seed=seed, busy=busy, max_delay=15.0, timeout=480)
     logs = {n: (tmp_path / n / "log.txt").read_text(errors="replace")[-1500:] for n in res["exit"]}
