@@ -70,7 +70,16 @@ if [ "$make_venv" = 1 ]; then
 fi
 echo "setup.sh: installing swarm into $where"
 pipi() { "$py" -m pip install --quiet --disable-pip-version-check "$@"; }
-pipi "${SWARM_TORCH:-torch==2.13.0}"
+# PyPI's Linux torch wheel is a CUDA build (GBs of nvidia packages): without an NVIDIA GPU, take the
+# CPU build from PyTorch's own index (pip prefers 2.13.0+cpu there; where that index is unreachable,
+# a local wheel or PyPI still serves). macOS wheels on PyPI are CPU/MPS builds already.
+cpu_index=https://download.pytorch.org/whl/cpu
+torch_index=()
+if [ -z "${SWARM_TORCH:-}" ] && [ "$(uname -s)" = Linux ] && ! command -v nvidia-smi >/dev/null 2>&1 &&
+   "$py" -c "import sys, urllib.request as u; u.urlopen(sys.argv[1] + '/torch/', timeout=5)" "$cpu_index" 2>/dev/null; then
+  torch_index=(--extra-index-url "$cpu_index")
+fi
+pipi ${torch_index[@]+"${torch_index[@]}"} "${SWARM_TORCH:-torch==2.13.0}"
 extras="test"
 if "$py" -c 'import platform, sys; sys.exit(0 if platform.system() in ("Linux", "Darwin") else 1)'; then extras="test,mlx"; fi
 pipi -e ".[${extras}]"
