@@ -18,6 +18,7 @@ import numpy as np
 from swarm import PROTOCOL_VERSION, SwarmError
 from swarm.adapters import save_mlx_adapter, save_peft_adapter
 from swarm.agreement import commit_blocker, round_one_started_without, round_one_wait
+from swarm.averaging import new_salt
 from swarm.backends.base import TrainResult
 from swarm.checkpoint import TrainingState
 from swarm.config import RunConfig, default_run, load_config
@@ -484,6 +485,7 @@ class Peer(StateSync):
         mm = self.run.averaging.matchmaking_time
         wait_until = self.round_started_swarm + plan.deadline_seconds + 0.5  # stragglers contribute what they have by then
         outcome, gone, failures, absent = None, {}, 0, set()
+        salt = new_salt()  # one per round: every attempt announces and sends the same contribution
         for attempt in range(AVERAGE_ATTEMPTS + len(plan.tasks)):  # abandoned attempts drop a member each time
             timeout = max(wait_until - self.transport.now(), 0.0) + 2 * mm + 5.0
             if attempt:  # a planned member may have left since, or dropped out of the last attempt: don't wait for it
@@ -503,7 +505,7 @@ class Peer(StateSync):
                                     wait_until=wait_until, speed=self.last_speed,
                                     quotas={t.peer_id: t.quota_tokens for t in plan.tasks},
                                     max_tokens=self.run.train.tokens_per_round, abandon=abandon,
-                                    lineage=self.state.lineage)
+                                    lineage=self.state.lineage, salt=salt)
             if outcome.offenders:
                 self.exclude(outcome.offenders, rnd)
             absent |= set(outcome.absent) - {self.me}

@@ -82,7 +82,7 @@ def average_round(transport: Transport, train: TrainResult, *, names: list[str],
                   round_: int, plan_id: str, group_size: int, clip_norm: float, timeout: float,
                   run: str, wait_until: float | None = None, speed: float = 0.0,
                   quotas: dict[str, int] | None = None, max_tokens: int = MAX_TOKENS_PER_PEER,
-                  lineage: str, abandon=None) -> RoundOutcome:
+                  lineage: str, abandon=None, salt: int | None = None) -> RoundOutcome:
     """All-reduce this peer's clipped, token-weighted gradient with the group; validate everything.
 
     `quotas`: each peer's token quota in plan `plan_id` (a member of the same plan claiming more
@@ -90,9 +90,13 @@ def average_round(transport: Transport, train: TrainResult, *, names: list[str],
     `abandon`: asked while no group has formed, a reason it gives ends this attempt early;
     `lineage`: the state this peer starts the round from (`TrainingState.lineage`): it is part of the
     group key and of the signed announcement, so only members starting from the same state average
-    together; a member announcing another lineage fails the attempt before its part is used."""
+    together; a member announcing another lineage fails the attempt before its part is used;
+    `salt`: this peer's check-lane salt, the same in every attempt of a round (default: a new one). An
+    attempt abandoned while a leader was already forming its group may still be averaged with the
+    announcement of that attempt: with one salt per round, the parts of the next attempt match it,
+    and an honest peer is never rejected for "check lanes that do not carry the salt it announced"."""
     values = sum(int(np.prod(shapes[n])) for n in names)
-    salt = new_salt()
+    salt = salt if salt is not None else new_salt()
     try:
         flat = flatten(train.grads, names) if train.tokens else np.zeros(values)
         norm = min(clip_by_norm(flat, clip_norm)[1], clip_norm)
