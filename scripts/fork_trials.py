@@ -62,6 +62,17 @@ def _addrs(log: Path, proc: subprocess.Popen, timeout: float = 120) -> list[str]
     raise RuntimeError("first peer printed no address")
 
 
+def _wait_all(procs: dict[str, subprocess.Popen], end: float) -> dict[str, int | None]:
+    """Exit codes once every process has ended, None for those still running at monotonic time `end`."""
+    codes = {}
+    for name, p in procs.items():
+        try:
+            codes[name] = p.wait(timeout=max(1.0, end - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            codes[name] = None
+    return codes
+
+
 def read_rows(out: Path) -> list[dict]:
     path = out / "metrics.jsonl"
     if not path.exists():
@@ -108,13 +119,7 @@ def trial(base: Path, *, peers: int, rounds: int, seed: int, busy: int = 0, max_
         for name, delay in zip(names[1:], delays):
             time.sleep(max(0.0, t_addr + delay - time.monotonic()))
             start(name, ["--initial-peers", *addrs])
-        end = t0 + timeout
-        codes = {}
-        for name, p in procs.items():
-            try:
-                codes[name] = p.wait(timeout=max(1.0, end - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                codes[name] = None
+        codes = _wait_all(procs, t0 + timeout)
     finally:
         for p in list(procs.values()) + hogs:
             _kill(p)
@@ -173,12 +178,7 @@ def partition(base: Path, *, rounds: int = 30, apart: int = 5, timeout: float = 
         for name in ("x2", "y2"):
             wait_rows(name, apart, end)
         start("z", ax[:1] + ay[:1])
-        codes = {}
-        for name, p in procs.items():
-            try:
-                codes[name] = p.wait(timeout=max(1.0, end - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                codes[name] = None
+        codes = _wait_all(procs, end)
     finally:
         for p in procs.values():
             _kill(p)

@@ -127,14 +127,10 @@ class StateSync:
         end = time.monotonic() + FORK_SYNC_TIMEOUT
         backoff = 0.5
         while not stop() and time.monotonic() < end:
-            got = self.transport.download_state(timeout=10.0, min_round=winner.round, skip=stale)
+            got = self._fetch_state(winner.round, stale)
             if got is not None:
-                meta, arrays, source = got
-                try:
-                    state = TrainingState.from_wire(meta, arrays, self.shapes, self.fingerprint, source=f"peer {source}")
-                except StateError as e:
-                    self.log.warn(f"rejected downloaded state: {e}; not downloading from it again")
-                    self.transport.distrust(source)
+                state, source = got
+                if state is None:
                     continue
                 on_chain = state.ancestry.get(winner.round, ("",))[0] == winner.lineage
                 vouched = any(p.peer_id != self.me and chain_of(p).get(state.round) == state.lineage
@@ -158,6 +154,20 @@ class StateSync:
             self.log.warn(f"could not get the state of peer {winner.peer_id}'s chain in {FORK_SYNC_TIMEOUT:.0f}s: "
                           "going on with this peer's own")
         return old
+
+    def _fetch_state(self, min_round: int, skip: set[str]) -> tuple[TrainingState | None, str] | None:
+        """Download and validate state of round `min_round` or later from a peer not in `skip`: None when no peer
+        served any, (None, source) when what `source` served was unusable (it is never asked again)."""
+        got = self.transport.download_state(timeout=10.0, min_round=min_round, skip=skip)
+        if got is None:
+            return None
+        meta, arrays, source = got
+        try:
+            return TrainingState.from_wire(meta, arrays, self.shapes, self.fingerprint, source=f"peer {source}"), source
+        except StateError as e:
+            self.log.warn(f"rejected downloaded state: {e}; not downloading from it again")
+            self.transport.distrust(source)
+            return None, source
 
     def _adopt(self, state: TrainingState, what: str) -> None:
         self.start_round = state.round + 1
@@ -185,19 +195,14 @@ class StateSync:
             if self._swarm_round() < target:
                 time.sleep(POLL)
                 continue
-            got = self.transport.download_state(timeout=10.0, min_round=target, skip=stale)
+            got = self._fetch_state(target, stale)
             if got is None:
                 if not stale:
                     self.log.warn(f"no peer could serve its state yet; retrying in {backoff:.1f}s")
                 stale.clear()  # they may have moved on since
             else:
-                meta, arrays, source = got
-                try:
-                    state = TrainingState.from_wire(meta, arrays, self.shapes, self.fingerprint, source=f"peer {source}")
-                except StateError as e:
-                    self.log.warn(f"rejected downloaded state: {e}; not downloading from it again")
-                    self.transport.distrust(source)
-                else:
+                state, source = got
+                if state is not None:
                     confirmed = self.confirmed(state.round, state.adapter_sha256, state.lineage) \
                         if state.round >= target else False
                     if state.round < target:
@@ -207,7 +212,8 @@ class StateSync:
                         return state
                     if confirmed is None:
                         self.log.warn(f"rejected state of round {state.round} from peer {source}: adapter "
-                                      f"{state.adapter_sha256[:12]} is not what the swarm's peers report; "
+                                      f"{state.adapter_sha256[:12]} (lineage {state.lineage[:12]}) is not what the "
+                                      "swarm's peers report; "
                                       "not downloading from it again")
                         self.transport.distrust(source)
             time.sleep(backoff)
