@@ -132,7 +132,12 @@ def trial(base: Path, *, peers: int, rounds: int, seed: int, busy: int = 0, max_
             disk[n] = adapter_sha256(load_peft_adapter(o / "adapter"))
         except Exception:
             disk[n] = None
-    finals = {n: r[-1]["adapter_sha256"] for n, r in rows.items() if r}
+    finals = {}  # the adapter each peer's checkpoint holds (its last row's, or the final state it downloaded)
+    for n, o in outputs.items():
+        try:
+            finals[n] = json.loads((o / "checkpoint" / "meta.json").read_text())["adapter_sha256"]
+        except (OSError, ValueError, KeyError):
+            pass
     first_round = {}
     for n in names[1:]:
         if rows[n]:
@@ -140,7 +145,7 @@ def trial(base: Path, *, peers: int, rounds: int, seed: int, busy: int = 0, max_
     return {"seed": seed, "peers": peers, "busy": busy, "delays": [round(d, 1) for d in delays], "exit": codes,
             "rounds": max((r[-1]["round"] for r in rows.values() if r), default=0),
             "forked_rounds": sorted(found), "forks": {r: {h[:12]: sorted(p) for h, p in hs.items()} for r, hs in found.items()},
-            "disk_matches_metrics": all(disk[n] == finals.get(n) for n in names if finals.get(n)),
+            "disk_matches_checkpoint": all(disk[n] == finals.get(n) for n in names),
             "final_identical": len({disk[n] for n in names}) == 1,
             "lost_rounds": {n: sum(r.get("lost_rounds", 0) for r in rows[n]) for n in names},
             "joiner_first_round_s": first_round}

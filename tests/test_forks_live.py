@@ -22,7 +22,7 @@ def test_hand_started_peers_commit_the_same_adapter_every_round(tmp_path, peers,
     assert res["rounds"] == 18
     # for every round number, every peer that committed it has the same adapter_sha256 in metrics.jsonl
     assert res["forked_rounds"] == [], (res, logs)
-    assert res["disk_matches_metrics"] and res["final_identical"], res
+    assert res["disk_matches_checkpoint"] and res["final_identical"], res
     rows = {n: fork_trials.read_rows(tmp_path / n) for n in res["exit"]}
     by_round = {}
     for n, rs in rows.items():
