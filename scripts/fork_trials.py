@@ -223,6 +223,8 @@ def main() -> int:
     if args.partition:
         with tempfile.TemporaryDirectory(prefix="swarm-partition-") as tmp:
             res = partition(Path(tmp), rounds=args.rounds + 5)
+            if args.keep:
+                shutil.copytree(tmp, Path(args.keep) / "partition", dirs_exist_ok=True)
         print(json.dumps(res))
         return 0 if res["agreed_round"] is not None and all(c == 0 for c in res["exit"].values()) else 1
     results = []
