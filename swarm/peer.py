@@ -437,10 +437,10 @@ class Peer(StateSync):
             # round 1 (a fork); join the swarm after it instead
             self.catch_up(stop, "round 1 of this swarm started without this peer")
             return None
-        if (self.training_round, self.plan_id) != (rnd, plan.plan_id):
-            self.training_round, self.plan_id = rnd, plan.plan_id
+        self.training_round, self.plan_id = rnd, plan.plan_id  # the advertiser thread carries it from now on
+        if rnd == 1:
             try:
-                self._advertise()  # peers still deciding whether round 1 started without them read this
+                self._advertise()  # at once: peers still deciding whether round 1 started without them read this
             except Exception:
                 pass  # the advertiser thread retries
         self.last_plan = plan
@@ -533,8 +533,12 @@ class Peer(StateSync):
 
     def _minority(self, plan: RoundPlan, outcome: RoundOutcome, rnd: int) -> str | None:
         """Why this group may not commit round `rnd` (a strict majority of who could be in it), or None."""
-        return commit_blocker(me=self.me, planned=plan.peer_ids, last_group=self.last_group, group=outcome.members,
-                              gone=self._gone(rnd), banned=self.banned, rnd=rnd)
+        def blocker(gone):
+            return commit_blocker(me=self.me, planned=plan.peer_ids, last_group=self.last_group, group=outcome.members,
+                                  gone=gone, banned=self.banned, rnd=rnd)
+
+        # the DHT is asked who left only when the group is not a majority of everyone
+        return blocker(()) and blocker(self._gone(rnd))
 
     def _die_soon(self, in_reduction: bool) -> None:
         """Fault injection: SIGKILL this peer's process group (its p2pd too) as it enters averaging, or once its
