@@ -73,7 +73,7 @@ class Peer(StateSync):
         self.state: TrainingState | None = None
         self.start_round = 0
         self.paused = False
-        self.loading = True           # advertised as loading (connected, model not ready) until start_advertising
+        self.loading = True           # advertised as loading (connected, model not ready) until the model is loaded
         self.training_round, self.plan_id = 0, ""
         self.max_micro_batch = 0
         self.tokens_per_s = 0.0

@@ -145,10 +145,6 @@ class ProgressRecord(_Wire):
             raise ValueError("history must map at most 16 round numbers to hashes")
         return v
 
-    def lineage_at(self, rnd: int) -> str | None:
-        """This peer's lineage after round `rnd`, if it reports it."""
-        return self.lineage if rnd == self.round and self.lineage else self.lineages.get(str(rnd))
-
     @field_validator("loss", "tokens_per_s", "timestamp")
     @classmethod
     def _finite(cls, v):

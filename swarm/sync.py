@@ -229,13 +229,14 @@ class StateSync:
         hash (reject it, and its source). `lineage` (the state's, which covers its pace and work): more than
         half of the peers of any framework that report a lineage for round `rnd` must report this one."""
         by_backend: dict[str, list[str | None]] = {}
-        lineages: list[str | None] = []
+        lineages: list[str] = []
         for p in self.members.progress(self.run.name):
             if p.peer_id != self.me and p.state != "leaving" and p.round >= rnd and self.banned.get(p.peer_id, 0) < rnd:
                 said = p.history.get(str(rnd)) or (p.adapter_sha256 if p.round == rnd else None)
                 by_backend.setdefault(p.backend, []).append(said)
-                if chain_of(p).get(rnd):
-                    lineages.append(chain_of(p)[rnd])
+                reported = chain_of(p).get(rnd)
+                if reported:
+                    lineages.append(reported)
         if lineage is not None and lineages and 2 * lineages.count(lineage) <= len(lineages):
             return None if any(2 * lineages.count(h) > len(lineages) for h in set(lineages)) else False
         if not by_backend:
