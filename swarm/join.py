@@ -39,6 +39,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--min-peers", type=int, default=1, help="before round 1 of a new swarm, wait until this many peers are advertised")
     p.add_argument("--background", action="store_true",
                    help="lowest CPU/IO priority; pause while other processes keep the CPU busy or on battery")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16", "nf4"], default="auto",
+                   help="precision of the frozen base model (the LoRA adapter is fp32 everywhere); auto: the most precise "
+                        "one this peer can run")
     p.add_argument("--uniform", action="store_true", help="equal token quotas for all peers instead of speed-negotiated ones (baseline)")
     args = p.parse_args(argv)
     if not 0 < args.max_utilization <= 1:
@@ -102,6 +105,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def precision_settings(args: argparse.Namespace, platform: str):
+    """This peer's base precision from --precision (SwarmError naming the fix if it cannot run here)."""
+    from swarm.precision import settings
+
+    framework = "mlx" if args.backend == "mlx" or (args.backend == "auto" and platform == "mlx") else "torch"
+    return settings(args.precision, platform, framework)
+
+
 def run_peer(args: argparse.Namespace, stop: StopFlag) -> int:
     from swarm import checkpoint
     from swarm.peer import Peer
@@ -109,6 +120,7 @@ def run_peer(args: argparse.Namespace, stop: StopFlag) -> int:
     # detect: this machine, the run, the base model, the backend
     peer = Peer.create(args)
     try:
+        peer.precision = precision_settings(args, peer.hw.backend)   # the base's precision, checked before joining
         # advertise: join the DHT, agree on the run, get the current state, announce capability
         peer.connect()
         state = peer.initial_state(stop)

@@ -86,6 +86,9 @@ class Peer(StateSync):
         self.advert_seen: dict[str, float] = {}
         self.heard: dict[str, tuple[float, float]] = {}  # peer -> (its advert's timestamp, our monotonic time it changed)
         self.strikes: dict[str, int] = {}
+        from swarm.precision import PrecisionSettings
+
+        self.precision = PrecisionSettings()  # swarm.join sets the peer's own from --precision
         return self
 
     def _lock_output(self) -> None:
@@ -210,7 +213,8 @@ class Peer(StateSync):
             raise SwarmError(f"this machine cannot train run {run.name!r} ({shape.param_count() / 1e6:.0f}M params): "
                              f"{fit_reason(need, self.hw.memory_usable_bytes)}")
         name = self.args.backend if self.args.backend != "auto" else ("mlx" if self.hw.backend == "mlx" else "torch")
-        self.backend = load_backend(name, run=run, model_dir=self.model_dir, threads=self.args.threads, seed=self.args.seed)
+        extra = {"precision": self.precision} if name == "torch" else {}
+        self.backend = load_backend(name, run=run, model_dir=self.model_dir, threads=self.args.threads, seed=self.args.seed, **extra)
         self.names = self.backend.adapter_names()
         adapter = self.backend.get_adapter()
         self.shapes = {n: tuple(adapter[n].shape) for n in self.names}
@@ -218,7 +222,8 @@ class Peer(StateSync):
         self.tokens = corpus_tokens(run.data.source, self.model_dir)
         self.tokens_per_s = self._probe_throughput()
         self.log.say(f"run {run.name!r}: {shape.param_count() / 1e6:.1f}M-param base ({self.base_sha256[:12]}), "
-                     f"{self.vector_size} LoRA params, backend {self.backend.name}, {self.tokens_per_s:.0f} tokens/s measured")
+                     f"{self.vector_size} LoRA params, backend {self.backend.name}, base {self.precision.precision} "
+                     f"({self.precision.reason}), {self.tokens_per_s:.0f} tokens/s measured")
 
     def _probe_throughput(self) -> float:
         """Measured LoRA-step tokens/s on this run's model, cached per (model, backend, device, dtype, shape)."""
@@ -228,7 +233,8 @@ class Peer(StateSync):
         t = self.run.train
         mb = min(t.micro_batch, self.max_micro_batch)
         device = self.hw.backend + (f"-t{self.args.threads}" if self.args.threads else "")
-        key = ThroughputKey(self.base_sha256, self.backend.name, device, t.dtype, mb, t.seq_len)
+        key = ThroughputKey(self.base_sha256, self.backend.name, device,
+                            t.dtype if self.precision.precision == "fp32" else self.precision.precision, mb, t.seq_len)
         batches = lambda: sample_batches(self.tokens, t.seq_len, mb, mb, self.args.seed, 0, 1)  # noqa: E731
         value, _ = cached_throughput(key, lambda: measure_throughput(self.backend, batches, warmup=1, steps=2))
         return value
@@ -589,7 +595,8 @@ class Peer(StateSync):
             "group_tokens": outcome.group_tokens, "group_size": outcome.group_size, "seconds": round(seconds, 4),
             "train_seconds": round(train.seconds, 4), "wait_seconds": round(outcome.reduce_seconds, 4),
             "barrier_wait_seconds": round(outcome.barrier_wait, 4),
-            "tokens_per_s": round(tps, 2), "backend": self.backend.name, "adapter_sha256": digest,
+            "tokens_per_s": round(tps, 2), "backend": self.backend.name, "precision": self.precision.precision,
+            "checkpointing": self.precision.gradient_checkpointing, "adapter_sha256": digest,
             "adapter_norm": float(np.sqrt(sum(float(np.sum(np.square(a, dtype=np.float64))) for a in state.adapter.values()))),
             "plan_id": plan.plan_id, "plan_round": plan.round, "plan_mode": plan.mode, "quota_tokens": task.quota_tokens,
             "micro_batch": task.micro_batch, "accumulation_steps": task.accumulation_steps,

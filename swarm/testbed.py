@@ -46,6 +46,8 @@ def parse_args(argv):
     p.add_argument("--max-utilization", default=None, metavar="F[,F...]", help="per-peer compute fractions (one value, or one per peer)")
     p.add_argument("--threads", type=int, default=None, help="torch threads per peer (default: cores / peers, at least 1)")
     p.add_argument("--backend", default=None, metavar="B[,B...]", help="per-peer backend: torch or mlx (default: auto)")
+    p.add_argument("--precision", default=None, metavar="P[,P...]",
+                   help="per-peer base precision: auto, fp32, bf16, fp16 or nf4 (one value, or one per peer)")
     p.add_argument("--uniform", action="store_true", help="equal task sizes for every peer (baseline for benchmarks)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=None, help="stop everything after this many seconds (default: generous)")
@@ -64,6 +66,10 @@ class Testbed:
         self.limits = _per_peer(args.memory_limit, args.peers, "--memory-limit")
         self.utils = _per_peer(args.max_utilization, args.peers, "--max-utilization")
         self.backends = _per_peer(args.backend, args.peers, "--backend", cast=str)
+        self.precisions = _per_peer(args.precision, args.peers, "--precision", cast=str)
+        for prec in self.precisions:
+            if prec is not None and prec not in ("auto", "fp32", "bf16", "fp16", "nf4"):
+                raise SwarmError(f"--precision: {prec!r} is not one of auto, fp32, bf16, fp16, nf4")
         for u in self.utils:
             if u is not None and not 0 < u <= 1:
                 raise SwarmError(f"--max-utilization: {u} is not in (0, 1]")
@@ -86,6 +92,8 @@ class Testbed:
             cmd += ["--max-utilization", str(self.utils[k])]
         if self.backends[k] is not None:
             cmd += ["--backend", self.backends[k]]
+        if self.precisions[k] is not None:
+            cmd += ["--precision", self.precisions[k]]
         if a.uniform:
             cmd += ["--uniform"]
         return cmd
@@ -247,11 +255,16 @@ def main(argv=None) -> int:
         bed.stop_all()
     summary = bed.summary()
     (bed.out / "summary.json").write_text(json.dumps(summary, indent=2))
+    failed = []
     for p in summary["peers"]:
         if p["exit_code"] != 0:
             tail = (bed.out / p["peer"] / "log.txt").read_text(errors="replace").strip().splitlines()[-3:]
             print(f"{p['peer']} exited with {p['exit_code']}: " + " | ".join(tail), file=sys.stderr)
-    verdict = "all adapters identical" if summary["all_adapters_identical"] else "ADAPTERS DIFFER"
+            failed.append(f"{p['peer']} exited with {p['exit_code']} ({tail[-1] if tail else 'no output'})")
+    if failed:  # the real failure, not a consequence of it
+        verdict = "; ".join(failed)
+    else:
+        verdict = "all adapters identical" if summary["all_adapters_identical"] else "ADAPTERS DIFFER"
     print(f"testbed: {'OK' if summary['ok'] else 'FAILED'}: {verdict}; summary in {bed.out / 'summary.json'}", flush=True)
     return 0 if summary["ok"] else 1
 

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from swarm.adapters import from_peft_key, initial_adapter
 from swarm.backends.base import OptimizerState, TrainResult
 from swarm.config import RunConfig
+from swarm.precision import PrecisionSettings
 
 
 def _quiet_transformers() -> None:
@@ -24,28 +25,53 @@ def _quiet_transformers() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft)\.")
 
 
-def load_peft_model(run: RunConfig, model_dir: Path, device: str = "cpu"):
-    """The base model from `model_dir` wrapped with the run's LoRA (peft), fp32."""
+_TORCH_DTYPE = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_peft_model(run: RunConfig, model_dir: Path, device: str = "cpu", precision: PrecisionSettings | None = None):
+    """The base model from `model_dir` in the peer's precision, wrapped with the run's LoRA (peft).
+
+    Whatever the base precision, every LoRA parameter is cast to fp32 (swarm.precision says why)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     _quiet_transformers()
-    base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    prec = precision or PrecisionSettings()
+    kwargs: dict = {"dtype": _TORCH_DTYPE[prec.dtype]}
+    if prec.precision == "nf4":
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=_TORCH_DTYPE[prec.dtype])
+        kwargs["device_map"] = {"": device}
+    base = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
     base.config.use_cache = False
+    if prec.gradient_checkpointing:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        base.enable_input_require_grads()
     cfg = LoraConfig(r=run.lora.r, lora_alpha=run.lora.alpha, lora_dropout=0.0,
                      target_modules=list(run.lora.target_modules), bias="none", task_type="CAUSAL_LM")
-    return get_peft_model(base, cfg).to(device)
+    model = get_peft_model(base, cfg)
+    if prec.precision != "nf4":  # a quantized model is placed by device_map and cannot be moved
+        model = model.to(device)
+    for p in model.parameters():
+        if p.requires_grad:  # the adapter: fp32 on every peer whatever the base (exact averaging)
+            p.data = p.data.to(torch.float32)
+    return model
 
 
 class TorchLoraBackend:
     name = "torch"
 
-    def __init__(self, run: RunConfig, model_dir: Path, threads: int | None = None, device: str = "cpu", seed: int = 0) -> None:
+    def __init__(self, run: RunConfig, model_dir: Path, threads: int | None = None, device: str = "cpu", seed: int = 0,
+                 precision: PrecisionSettings | None = None) -> None:
         if threads:
             torch.set_num_threads(threads)
         self.run = run
         self.device = torch.device(device)
-        self.model = load_peft_model(run, model_dir, device)
+        self.precision = precision or PrecisionSettings()
+        self.model = load_peft_model(run, model_dir, device, self.precision)
         self.params: dict[str, torch.nn.Parameter] = {
             from_peft_key(n): p for n, p in self.model.named_parameters() if p.requires_grad
         }
