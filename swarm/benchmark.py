@@ -160,7 +160,7 @@ def probe_default_throughput(hw_backend: str, micro_batch: int | None = None, se
         except ImportError as e:
             return None, f"not measured: {name} backend unavailable ({e})"
         model_dir = resolve_model_dir(run.model)
-        key = ThroughputKey(base_sha256(model_dir), name, label, run.train.dtype, mb, sl)
+        key = ThroughputKey(base_sha256(model_dir), name, label, "float32", mb, sl)
         vocab = run.model.builtin.vocab_size
 
         def measure() -> float:

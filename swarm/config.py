@@ -64,7 +64,10 @@ class TrainConfig(_Strict):
     eps: float = Field(1e-8, gt=0, description="AdamW epsilon")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     max_grad_norm: float = Field(1.0, gt=0, description="each peer clips its mean gradient to this L2 norm before averaging")
-    dtype: Literal["float32"] = Field("float32", description="training dtype (adapters and gradients are always fp32 on the wire)")
+    precisions: tuple[Literal["fp32", "bf16", "fp16", "nf4"], ...] = Field(
+        ("fp32", "bf16", "fp16", "nf4"), min_length=1, max_length=4,
+        description="precisions of the frozen base a peer may train in (swarm.precision); each peer picks the most "
+        "precise one it can run. The adapter, its gradients and optimizer state are fp32 on every peer")
 
 
 class DataConfig(_Strict):
@@ -103,7 +106,8 @@ class RunConfig(_Strict):
 
     def fingerprint(self) -> str:
         """Hash of what must match across peers (model choice, adapter shape, optimizer)."""
-        agreed = self.model_dump(mode="json", exclude={"averaging": True, "data": True})
+        # the base precision is per peer (swarm.precision): the allowed list is not part of what must match
+        agreed = self.model_dump(mode="json", exclude={"averaging": True, "data": True, "train": {"precisions"}})
         agreed["model"].pop("path", None)
         return hashlib.sha256(json.dumps(agreed, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -200,16 +200,18 @@ class Peer(StateSync):
         from swarm.memory import ModelShape, max_micro_batch
 
         run = self.run
+        self.precision = self.precision.for_run(run.train.precisions)  # the run's allowed list is known now
+        prec = self.precision
         shape = ModelShape.from_config(self.model_config_json)
-        self.max_micro_batch = max_micro_batch(self.hw.memory_usable_bytes, shape, limit=run.train.micro_batch, method="lora",
+        self.max_micro_batch = max_micro_batch(self.hw.memory_usable_bytes, shape, limit=run.train.micro_batch, method=prec.method,
                                                lora_r=run.lora.r, lora_targets=run.lora.target_modules,
-                                               seq_len=run.train.seq_len, dtype="float32", backend=self.hw.backend)
+                                               seq_len=run.train.seq_len, dtype=prec.dtype, backend=self.hw.backend)
         if self.max_micro_batch < 1:
             from swarm.memory import estimate
             from swarm.planner import fit_reason
 
-            need = estimate(shape, "lora", lora_r=run.lora.r, lora_targets=run.lora.target_modules, micro_batch=1,
-                            seq_len=run.train.seq_len, dtype="float32", backend=self.hw.backend).total
+            need = estimate(shape, prec.method, lora_r=run.lora.r, lora_targets=run.lora.target_modules, micro_batch=1,
+                            seq_len=run.train.seq_len, dtype=prec.dtype, backend=self.hw.backend).total
             raise SwarmError(f"this machine cannot train run {run.name!r} ({shape.param_count() / 1e6:.0f}M params): "
                              f"{fit_reason(need, self.hw.memory_usable_bytes)}")
         name = self.args.backend if self.args.backend != "auto" else ("mlx" if self.hw.backend == "mlx" else "torch")
@@ -234,7 +236,7 @@ class Peer(StateSync):
         mb = min(t.micro_batch, self.max_micro_batch)
         device = self.hw.backend + (f"-t{self.args.threads}" if self.args.threads else "")
         key = ThroughputKey(self.base_sha256, self.backend.name, device,
-                            t.dtype if self.precision.precision == "fp32" else self.precision.precision, mb, t.seq_len)
+                            self.precision.dtype if self.precision.precision == "fp32" else self.precision.precision, mb, t.seq_len)
         batches = lambda: sample_batches(self.tokens, t.seq_len, mb, mb, self.args.seed, 0, 1)  # noqa: E731
         value, _ = cached_throughput(key, lambda: measure_throughput(self.backend, batches, warmup=1, steps=2))
         return value

@@ -87,6 +87,9 @@ class PrecisionSettings:
     precision: str = "fp32"
     reason: str = "default"
     gradient_checkpointing: bool = False
+    requested: str = "auto"  #: what --precision asked for (re-resolved against the run's allowed list)
+    platform: str = "cpu"
+    framework: str = "torch"
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -95,6 +98,15 @@ class PrecisionSettings:
     @property
     def dtype(self) -> str:
         return DTYPE[self.precision]
+
+    @property
+    def method(self) -> str:
+        """The memory model's method (swarm.memory.estimate): a 4-bit base is QLoRA."""
+        return "qlora" if self.precision == "nf4" else "lora"
+
+    def for_run(self, allowed: tuple[str, ...]) -> "PrecisionSettings":
+        """The same request resolved within a run's `train.precisions` (known once the run is)."""
+        return settings(self.requested, self.platform, self.framework, tuple(allowed), self.gradient_checkpointing)
 
 
 def settings(requested: str, platform: str, framework: str = "torch", allowed: tuple[str, ...] = PRECISIONS,
@@ -106,11 +118,13 @@ def settings(requested: str, platform: str, framework: str = "torch", allowed: t
             if p in allowed:
                 s = support(p, platform, framework)
                 if s.ok:
-                    return PrecisionSettings(p, f"auto: most precise allowed option that runs here ({s.reason})", gradient_checkpointing)
+                    return PrecisionSettings(p, f"auto: most precise allowed option that runs here ({s.reason})",
+                                             gradient_checkpointing, requested, platform, framework)
         raise SwarmError(f"no precision the run allows ({', '.join(allowed)}) runs on this {platform} peer")
     s = support(requested, platform, framework)
     if not s.ok:
         raise SwarmError(f"--precision {requested}: {s.reason}")
     if requested not in allowed:
         raise SwarmError(f"--precision {requested}: the run allows only {', '.join(allowed)}")
-    return PrecisionSettings(requested, f"--precision {requested} ({s.reason})", gradient_checkpointing)
+    return PrecisionSettings(requested, f"--precision {requested} ({s.reason})", gradient_checkpointing, requested,
+                             platform, framework)

@@ -84,3 +84,20 @@ def test_mixed_precision_swarm_ends_every_round_with_one_adapter(tmp_path):
     for rnd in (1, 2, 3):
         hashes = {m["adapter_sha256"] for r in rows for m in r if m["round"] == rnd}
         assert len(hashes) == 1, (rnd, hashes)
+
+
+def test_run_config_lists_allowed_precisions_outside_the_fingerprint(tmp_path):
+    from swarm.config import RunConfig, TrainConfig, load_config
+
+    assert TrainConfig().precisions == ("fp32", "bf16", "fp16", "nf4")
+    narrow = RunConfig(train=TrainConfig(precisions=("nf4",)))
+    assert narrow.fingerprint() == RunConfig().fingerprint()  # peers differ in precision, not in the adapter
+    assert narrow.fingerprint() != RunConfig(train=TrainConfig(lr=1e-4)).fingerprint()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  precisions: [fp8]\n")
+    with pytest.raises(SwarmError, match="train.precisions"):
+        load_config(bad)
+    req = settings("auto", "cpu")
+    assert req.for_run(("bf16", "nf4")).precision == "bf16"
+    with pytest.raises(SwarmError, match="allows only"):
+        settings("bf16", "cpu").for_run(("fp32",))
