@@ -74,6 +74,22 @@ def verify_hash(path: Path, expected: str) -> None:
                          f"pass --data with the run's exact file")
 
 
+BUILTIN_SOURCES = ("pydoc",)
+
+
+def network_paths(config: dict) -> list[str]:
+    """The local paths a run config taken from the network would make this peer open (data source,
+    model directory). A joiner never opens them: a stranger's run record could name a private file,
+    which would be tokenized, trained on and its gradients sent to the swarm (issue 18, "lure")."""
+    out = []
+    data, model = config.get("data") or {}, config.get("model") or {}
+    if isinstance(data, dict) and data.get("source", "pydoc") not in BUILTIN_SOURCES:
+        out.append(f"data.source={str(data.get('source'))[:80]!r}")
+    if isinstance(model, dict) and model.get("path") is not None:
+        out.append(f"model.path={str(model.get('path'))[:80]!r}")
+    return out
+
+
 def detect_format(path: Path) -> Format:
     p = Path(path)
     if p.is_dir() or p.suffix == ".parquet":

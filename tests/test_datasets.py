@@ -121,3 +121,13 @@ def test_round_shards_are_disjoint_deterministic_and_cover_the_quotas():
     assert len(set(allw.tolist())) == 10
     assert (round_shard(20, 1, 4, 1, quotas) == shards[1]).all()
     assert not (round_shard(20, 1, 5, 1, quotas) == shards[1]).all()
+
+
+def test_network_paths_names_every_local_path_a_record_would_open():
+    from swarm.datasets import network_paths
+
+    run = default_run().model_dump(mode="json")
+    assert network_paths(run) == []
+    lure = {**run, "data": {"source": "/home/me/diary.txt"}, "model": {**run["model"], "path": "/home/me/m"}}
+    assert network_paths(lure) == ["data.source='/home/me/diary.txt'", "model.path='/home/me/m'"]
+    assert network_paths({"data": "junk", "model": None}) == []
