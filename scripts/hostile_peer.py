@@ -8,6 +8,9 @@ usage: python scripts/hostile_peer.py MODE [python -m swarm.join arguments]
   outlier  its gradient is 100x larger and it says so (within a loose clip bound: out of line with the group)
   tokens   it claims 100x the tokens it trained, with a gradient encoded to match (to outweigh the others)
   state    it trains honestly, but serves joiners a poisoned adapter (self-consistent hash), at top priority
+  lure     it trains honestly, and publishes a copy of its run record named `lure`, one parameter larger
+           (so a joiner without --config would pick it), whose data.source and model.path name a local
+           file ($SWARM_LURE_PATH): a joiner must never open it
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-MODES = ("nan", "huge", "shape", "outlier", "tokens", "state")
+MODES = ("nan", "huge", "shape", "outlier", "tokens", "state", "lure")
 if len(sys.argv) < 2 or sys.argv[1] not in MODES:
     sys.exit(f"usage: python scripts/hostile_peer.py {{{','.join(MODES)}}} --host 127.0.0.1 [swarm.join arguments]")
 MODE = sys.argv.pop(1)
@@ -93,6 +96,31 @@ if MODE == "state":
 
     hd.HivemindTransport.open_averaging = open_first_in_line
     hd.HivemindTransport.announce_state_round = lambda self, round_: None  # keep claiming the newest state
+
+if MODE == "lure":
+    import os
+
+    import swarm.membership
+    import swarm.peer
+
+    honest_publish = swarm.membership.Membership.publish_run
+
+    def publish_lure(self, record):
+        """Its own slot of the runs key carries only the lure (the swarm's creator keeps the real one)."""
+        path = os.environ.get("SWARM_LURE_PATH", "/etc/hostname")
+        config = {**record.config, "name": "lure", "data": {**record.config.get("data", {}), "source": path},
+                  "model": {**record.config.get("model", {}), "path": str(Path(path).parent)}}
+        return honest_publish(self, record.model_copy(update={"name": "lure", "params": record.params + 1,
+                                                               "config": config}))
+
+    swarm.membership.Membership.publish_run = publish_lure
+    honest_check = swarm.peer.Peer._check_run
+
+    def check_then_lure(self):
+        honest_check(self)
+        self.members.publish_run(self.run_record)
+
+    swarm.peer.Peer._check_run = check_then_lure
 
 from swarm.join import main  # noqa: E402
 

@@ -80,8 +80,8 @@ if [ -z "${SWARM_TORCH:-}" ] && [ "$(uname -s)" = Linux ] && ! command -v nvidia
   torch_index=(--extra-index-url "$cpu_index")
 fi
 pipi ${torch_index[@]+"${torch_index[@]}"} "${SWARM_TORCH:-torch==2.13.0}"
-extras="test,qlora"
-if "$py" -c 'import platform, sys; sys.exit(0 if platform.system() in ("Linux", "Darwin") else 1)'; then extras="test,mlx,qlora"; fi
+extras="test,data,qlora"
+if "$py" -c 'import platform, sys; sys.exit(0 if platform.system() in ("Linux", "Darwin") else 1)'; then extras="test,data,mlx,qlora"; fi
 pipi -e ".[${extras}]"
 # scripts/python runs this interpreter from now on.
 printf '%s\n' "$py" >"$root/.swarm-python"

@@ -149,6 +149,7 @@ class Peer(StateSync):
             return default_run().model_copy(update={"name": a.run}), None
         if not runs:
             return default_run(), None
+        runs = self._runs_without_network_paths(runs)
         options = [RunOption(name=r.name, params=r.params, bytes_needed=self._bytes_needed(r)) for r in runs.values()]
         choice = choose_run(options, self.hw.memory_usable_bytes)
         if choice.run is None:
@@ -166,7 +167,25 @@ class Peer(StateSync):
                 return runs
             time.sleep(0.5)
 
+    def _runs_without_network_paths(self, runs: dict[str, RunRecord]) -> dict[str, RunRecord]:
+        """Runs a joiner may adopt: none whose record names a local path (swarm.datasets.network_paths)."""
+        from swarm.datasets import network_paths
+
+        safe = {k: r for k, r in runs.items() if not network_paths(r.config)}
+        for k in sorted(set(runs) - set(safe)):
+            self.log.say(f"ignoring run {k!r}: its record names local paths ({', '.join(network_paths(runs[k].config))}); "
+                         f"this peer never opens a path taken from the network")
+        if not safe:
+            raise SwarmError("every run in the swarm names local paths in its record; this peer never opens a path "
+                             "taken from the network: pass --config with your own copy of the run")
+        return safe
+
     def _run_from_record(self, record: RunRecord) -> RunConfig:
+        from swarm.datasets import network_paths
+
+        if paths := network_paths(record.config if isinstance(record.config, dict) else {}):
+            raise SwarmError(f"run {record.name!r} in the swarm names local paths ({', '.join(paths)}); this peer never "
+                             f"opens a path taken from the network: pass --config with your own copy of that run")
         try:
             return RunConfig.model_validate(record.config)
         except Exception:

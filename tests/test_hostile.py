@@ -128,3 +128,36 @@ def test_poisoned_state_is_rejected_and_the_joiner_downloads_the_swarms(peers):
     ma, mc = (metrics(peers.base / n / "metrics.jsonl") for n in "ac")
     assert mc and ma[-1]["round"] == mc[-1]["round"] == rounds
     assert ma[-1]["adapter_sha256"] == mc[-1]["adapter_sha256"]
+
+
+def test_lure_run_naming_a_local_path_is_never_opened(peers, tmp_path, monkeypatch):
+    """Issue 18's "lure": a stranger publishes a copy of the run, one parameter larger, whose data.source
+    and model.path name a local file. A joiner started as the README shows (no --config) must not pick
+    it, must never open that file, and must train the honest run without a traceback."""
+    import os
+
+    canary = tmp_path / "private" / "secret.txt"
+    canary.parent.mkdir()
+    canary.write_text("private diary\n" * 100)
+    old = time.time() - 3 * 86400
+    os.utime(canary, (old, old))  # relatime updates an atime older than a day on any read
+    monkeypatch.setenv("SWARM_LURE_PATH", str(canary))
+    peers.start("a", "--max-rounds", "2", "--min-peers", "2")
+    addrs = peers.addrs("a")
+    peers.start("x", "--max-rounds", "2", initial_peers=addrs, program=[*EVIL, "lure"])
+    deadline = time.monotonic() + 120
+    while "joining run" not in peers.log("x") and time.monotonic() < deadline:  # x has published the lure
+        time.sleep(0.5)
+    time.sleep(3)
+    peers.start("j", "--max-rounds", "2", initial_peers=addrs)
+    assert peers.wait("j", 300) == 0, peers.log("j")[-3000:]
+    log = peers.log("j")
+    assert "ignoring run 'lure': its record names local paths" in log, log[-3000:]
+    assert "Traceback" not in log
+    assert "joining run 'default'" in log  # the honest run (it may end by downloading round 2's state)
+    control = tmp_path / "control.txt"
+    control.write_text("x")
+    os.utime(control, (old, old))
+    control.read_text()
+    if os.stat(control).st_atime != old:  # this filesystem records reads (not mounted noatime)
+        assert os.stat(canary).st_atime == old  # never opened

@@ -104,6 +104,55 @@ def test_same_loss_and_gradients(pair, model_dir):
     assert grad_diff < GRAD_TOL
 
 
+def _masked(batches: list[np.ndarray]) -> list:
+    """The same windows with a loss mask: targets 0..seq_len/2 of each row masked (a 'prompt')."""
+    from swarm.backends.base import Batch
+
+    out = []
+    for b in batches:
+        mask = np.ones((b.shape[0], b.shape[1] - 1), np.uint8)
+        mask[:, :mask.shape[1] // 2] = 0
+        out.append(Batch(b, mask))
+    return out
+
+
+def test_torch_masked_loss_counts_only_unmasked_targets(model_dir):
+    from swarm.backends import load_backend
+    from swarm.backends.base import Batch
+
+    t = load_backend("torch", run=RUN, model_dir=model_dir, seed=7)
+    batches = _peer_batches(model_dir, 0, 0)
+    plain = t.train(batches)
+    ones = t.train([Batch(b, np.ones((b.shape[0], b.shape[1] - 1), np.uint8)) for b in batches])
+    assert ones.tokens == plain.tokens and abs(ones.loss_sum - plain.loss_sum) < 1e-3 * plain.loss_sum
+    half = t.train(_masked(batches))
+    assert half.tokens == plain.tokens // 2 and 0 < half.loss_sum < plain.loss_sum
+    # the masked loss is the sum of the unmasked targets' per-token losses
+    import torch
+    import torch.nn.functional as F
+
+    with torch.no_grad():
+        want = 0.0
+        for b in _masked(batches):
+            ids = torch.from_numpy(b.ids)
+            logits = t.model(input_ids=ids[:, :-1]).logits
+            ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1), reduction="none")
+            want += float((ce * torch.from_numpy(b.loss_mask.astype(np.float32)).reshape(-1)).sum())
+    assert abs(t.eval_loss(_masked(batches)) - want / half.tokens) < 1e-5
+
+
+@needs_mlx
+@pytest.mark.mlx
+def test_same_masked_loss_and_gradients(pair, model_dir):
+    t, m = pair
+    batches = _masked(_peer_batches(model_dir, 0, 0))
+    rt, rm = t.train(batches), m.train(batches)
+    assert rt.tokens == rm.tokens == 6 * RUN.train.seq_len // 2
+    assert abs(rt.loss_sum / rt.tokens - rm.loss_sum / rm.tokens) < LOSS_TOL
+    assert _maxdiff(rt.grads, rm.grads) < GRAD_TOL
+    assert abs(t.eval_loss(batches) - m.eval_loss(batches)) < LOSS_TOL
+
+
 @needs_mlx
 @pytest.mark.mlx
 def test_two_peer_rounds_keep_adapters_and_adamw_in_step(pair, model_dir):

@@ -26,7 +26,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from swarm import SwarmError
 from swarm.adapters import from_mlx, initial_adapter, module_of, scale, to_mlx
-from swarm.backends.base import OptimizerState, TrainResult
+from swarm.backends.base import Batch, OptimizerState, TrainResult, as_batch
 from swarm.config import RunConfig
 
 INSTALL_HINT = 'pip install -e ".[mlx]"'
@@ -96,9 +96,20 @@ def _check_hf_paths(model_dir: Path, modules: set[str]) -> None:
         raise SwarmError(f"mlx-lm names module {missing[0]} differently from the HF checkpoint; this architecture is not supported on mlx")
 
 
-def _sum_ce(model: nn.Module, ids: mx.array) -> mx.array:
+def _sum_ce(model: nn.Module, ids: mx.array, mask: mx.array | None = None) -> mx.array:
     logits = model(ids[:, :-1])
-    return nn.losses.cross_entropy(logits.astype(mx.float32), ids[:, 1:], reduction="sum")
+    if mask is None:
+        return nn.losses.cross_entropy(logits.astype(mx.float32), ids[:, 1:], reduction="sum")
+    return (nn.losses.cross_entropy(logits.astype(mx.float32), ids[:, 1:], reduction="none") * mask).sum()
+
+
+def _mlx_batch(batch: Batch | np.ndarray) -> tuple[mx.array, mx.array | None, int]:
+    """ids (int32), mask (float32 or None) and the count of loss-carrying tokens."""
+    b = as_batch(batch)
+    ids = mx.array(np.ascontiguousarray(b.ids, dtype=np.int64).astype(np.int32))
+    if b.loss_mask is None:
+        return ids, None, int(ids.shape[0] * (ids.shape[1] - 1))
+    return ids, mx.array(np.ascontiguousarray(b.loss_mask, dtype=np.float32)), int(b.loss_mask.sum())
 
 
 class MlxLoraBackend:
@@ -121,6 +132,8 @@ class MlxLoraBackend:
         # between calls) and an output (value_and_grad writes the traced parameters back into the model).
         self._loss_and_grad = mx.compile(lambda ids: value_and_grad(self.model, ids),
                                          inputs=self.model.state, outputs=self.model.state)
+        self._masked_loss_and_grad = mx.compile(lambda ids, mask: value_and_grad(self.model, ids, mask),
+                                                inputs=self.model.state, outputs=self.model.state)
         self._step = 0
         self._m: dict[str, mx.array] = {}
         self._v: dict[str, mx.array] = {}
@@ -129,16 +142,16 @@ class MlxLoraBackend:
         return list(self._names)
 
     # --- training -----------------------------------------------------------------------------
-    def train(self, batches: Iterable[np.ndarray]) -> TrainResult:
+    def train(self, batches: Iterable[Batch | np.ndarray]) -> TrainResult:
         start = time.perf_counter()
         total = None
         tokens, loss_sum = 0, 0.0
         for batch in batches:
-            ids = mx.array(np.ascontiguousarray(batch, dtype=np.int64).astype(np.int32))
-            loss, grads = self._loss_and_grad(ids)
+            ids, mask, n = _mlx_batch(batch)
+            loss, grads = self._loss_and_grad(ids) if mask is None else self._masked_loss_and_grad(ids, mask)
             total = grads if total is None else _tree_add(total, grads)
             mx.eval(loss, total, self.model.state)
-            tokens += int(ids.shape[0] * (ids.shape[1] - 1))
+            tokens += n
             loss_sum += float(loss.item())
         flat = dict(tree_flatten(total)) if total is not None else {}
         grads = {}
@@ -147,13 +160,13 @@ class MlxLoraBackend:
             grads[p] = (g / max(tokens, 1)).astype(np.float32)
         return TrainResult(grads=from_mlx(grads), tokens=tokens, loss_sum=loss_sum, seconds=time.perf_counter() - start)
 
-    def eval_loss(self, batches: Iterable[np.ndarray]) -> float:
+    def eval_loss(self, batches: Iterable[Batch | np.ndarray]) -> float:
         total, n = 0.0, 0
         for batch in batches:
-            ids = mx.array(np.ascontiguousarray(batch, dtype=np.int64).astype(np.int32))
-            loss = _sum_ce(self.model, ids)
+            ids, mask, k = _mlx_batch(batch)
+            loss = _sum_ce(self.model, ids, mask)
             total += float(loss.item())
-            n += int(ids.shape[0] * (ids.shape[1] - 1))
+            n += k
         return total / max(n, 1)
 
     def apply_update(self, mean_grads: dict[str, np.ndarray]) -> None:

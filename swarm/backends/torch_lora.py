@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from swarm.adapters import from_peft_key, initial_adapter
-from swarm.backends.base import OptimizerState, TrainResult
+from swarm.backends.base import Batch, OptimizerState, TrainResult, as_batch
 from swarm.config import RunConfig
 from swarm.precision import PrecisionSettings
 
@@ -84,14 +84,20 @@ class TorchLoraBackend:
     def adapter_names(self) -> list[str]:
         return list(self._names)
 
-    def _loss_sum(self, batch: np.ndarray) -> tuple[torch.Tensor, int]:
-        ids = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device)
+    def _loss_sum(self, batch: Batch | np.ndarray) -> tuple[torch.Tensor, int]:
+        b = as_batch(batch)
+        ids = torch.from_numpy(np.ascontiguousarray(b.ids, dtype=np.int64)).to(self.device)
         logits = self.model(input_ids=ids[:, :-1]).logits
         labels = ids[:, 1:]
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), reduction="sum")
-        return loss, labels.numel()
+        flat = logits.reshape(-1, logits.shape[-1]).float()
+        if b.loss_mask is None:
+            loss = F.cross_entropy(flat, labels.reshape(-1), reduction="sum")
+            return loss, labels.numel()
+        mask = torch.from_numpy(np.ascontiguousarray(b.loss_mask, dtype=np.float32)).to(self.device).reshape(-1)
+        loss = (F.cross_entropy(flat, labels.reshape(-1), reduction="none") * mask).sum()
+        return loss, int(b.loss_mask.sum())
 
-    def train(self, batches: Iterable[np.ndarray]) -> TrainResult:
+    def train(self, batches: Iterable[Batch | np.ndarray]) -> TrainResult:
         start = time.perf_counter()
         self.model.train()
         for p in self.params.values():
@@ -111,7 +117,7 @@ class TorchLoraBackend:
         return TrainResult(grads=grads, tokens=tokens, loss_sum=loss_sum, seconds=time.perf_counter() - start)
 
     @torch.no_grad()
-    def eval_loss(self, batches: Iterable[np.ndarray]) -> float:
+    def eval_loss(self, batches: Iterable[Batch | np.ndarray]) -> float:
         self.model.eval()
         total, n = 0.0, 0
         for batch in batches:

@@ -1,0 +1,133 @@
+"""Formats, loss masks, packing/padding, sharding and bad-data errors of swarm.datasets (pure parts)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from swarm import SwarmError
+from swarm.config import default_run
+from swarm.datasets import (file_sha256, read_examples, round_shard, tokenize_example, verify_hash,
+                            windows)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from transformers import AutoTokenizer
+
+    from swarm.model import resolve_model_dir
+
+    return AutoTokenizer.from_pretrained(str(resolve_model_dir(default_run().model)))
+
+
+def _jsonl(path, rows):
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def test_prompt_tokens_carry_no_loss(tmp_path, tok):
+    f = _jsonl(tmp_path / "d.jsonl", [{"prompt": "Q: 2+2? A:", "completion": " 4"}])
+    ids, mask = tokenize_example(read_examples(f)[0], tok)
+    n_prompt = len(tok("Q: 2+2? A:", add_special_tokens=False)["input_ids"])
+    assert mask[:n_prompt] == [0] * n_prompt and all(mask[n_prompt:])
+    assert ids[-1] == tok.eos_token_id and len(ids) == len(mask)
+
+
+def test_text_records_and_plain_text_carry_loss_everywhere(tmp_path, tok):
+    f = _jsonl(tmp_path / "t.jsonl", [{"text": "hello world"}])
+    (tmp_path / "p.txt").write_text("hello world")
+    for path in (f, tmp_path / "p.txt"):
+        _, mask = tokenize_example(read_examples(path)[0], tok)
+        assert all(mask)
+
+
+def test_chat_needs_a_template_and_masks_user_turns(tmp_path, tok):
+    rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}]
+    f = _jsonl(tmp_path / "c.jsonl", rows)
+    ex = read_examples(f)[0]
+    with pytest.raises(SwarmError, match="chat template"):
+        tokenize_example(ex, tok)
+    tok2 = tok.__class__.from_pretrained(tok.name_or_path)
+    tok2.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}")
+    ids, mask = tokenize_example(ex, tok2)
+    text = tok2.decode([i for i, m in zip(ids, mask) if m], skip_special_tokens=True)
+    assert text == "<assistant>yo\n" and "hi" not in text
+
+
+def test_pack_and_pad_windows_keep_the_mask_aligned(tmp_path, tok):
+    rows = [{"prompt": "p" * 5, "completion": "c" * 7}] * 6
+    ex = read_examples(_jsonl(tmp_path / "d.jsonl", rows))
+    packed = windows(ex, tok, seq_len=16, packing="pack")
+    assert packed.ids.shape[1] == 17 and packed.loss_mask.shape[1] == 16
+    c = tok("c", add_special_tokens=False)["input_ids"][0]
+    p = tok("p", add_special_tokens=False)["input_ids"][0]
+    targets = packed.ids[:, 1:]
+    assert (targets[packed.loss_mask == 1] != p).all() and (targets[targets == c] >= 0).all()
+    assert (packed.loss_mask[targets == c] == 1).all() and (packed.loss_mask[targets == p] == 0).all()
+    padded = windows(ex, tok, seq_len=16, packing="pad")
+    assert padded.ids.shape == (6, 17) and padded.loss_tokens == 6 * 8  # 7 completion + EOS
+    assert (padded.ids[:, 14:] == tok.pad_token_id).all() and not padded.loss_mask[:, 13:].any()
+
+
+def test_parquet_file_and_directory(tmp_path, tok):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    t = pa.table({"prompt": ["a", "b"], "completion": ["x", "y"]})
+    (tmp_path / "ds").mkdir()
+    pq.write_table(t, tmp_path / "ds" / "train-0.parquet")
+    pq.write_table(t, tmp_path / "one.parquet")
+    assert len(read_examples(tmp_path / "one.parquet")) == 2
+    assert len(read_examples(tmp_path / "ds")) == 2
+
+
+@pytest.mark.parametrize("line, message", [
+    ("{not json", "line 2: malformed JSON"),
+    ('{"prompt": "x"}', "line 2: \"prompt\" and \"completion\" must both be strings"),
+    ('{"foo": 1}', "line 2: missing fields"),
+    ('{"prompt": "x", "completion": ""}', "line 2: empty \"completion\""),
+    ('{"messages": [{"role": "user", "content": "hi"}]}', "line 2: no assistant turn"),
+    ("[1, 2]", "line 2: expected a JSON object"),
+])
+def test_bad_lines_are_one_line_errors_naming_file_and_line(tmp_path, line, message):
+    f = tmp_path / "bad.jsonl"
+    f.write_text('{"text": "fine"}\n' + line + "\n")
+    with pytest.raises(SwarmError, match="bad.jsonl " + message.replace("+", r"\+")) as e:
+        read_examples(f)
+    assert "\n" not in str(e.value)
+
+
+def test_a_prompt_filling_the_window_is_empty_after_masking(tmp_path, tok):
+    ex = read_examples(_jsonl(tmp_path / "d.jsonl", [{"prompt": "p" * 40, "completion": "c"}]))
+    with pytest.raises(SwarmError, match="line 1: empty after masking"):
+        windows(ex, tok, seq_len=16, packing="pad")
+
+
+def test_hash_is_checked(tmp_path):
+    f = tmp_path / "d.txt"
+    f.write_text("abc")
+    verify_hash(f, file_sha256(f))
+    with pytest.raises(SwarmError, match="is not the run's dataset"):
+        verify_hash(f, "0" * 64)
+
+
+def test_round_shards_are_disjoint_deterministic_and_cover_the_quotas():
+    quotas = [3, 5, 2]
+    shards = [round_shard(20, seed=1, round_=4, member_index=i, quotas=quotas) for i in range(3)]
+    assert [len(s) for s in shards] == quotas
+    allw = np.concatenate(shards)
+    assert len(set(allw.tolist())) == 10
+    assert (round_shard(20, 1, 4, 1, quotas) == shards[1]).all()
+    assert not (round_shard(20, 1, 5, 1, quotas) == shards[1]).all()
+
+
+def test_network_paths_names_every_local_path_a_record_would_open():
+    from swarm.datasets import network_paths
+
+    run = default_run().model_dump(mode="json")
+    assert network_paths(run) == []
+    lure = {**run, "data": {"source": "/home/me/diary.txt"}, "model": {**run["model"], "path": "/home/me/m"}}
+    assert network_paths(lure) == ["data.source='/home/me/diary.txt'", "model.path='/home/me/m'"]
+    assert network_paths({"data": "junk", "model": None}) == []
