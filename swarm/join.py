@@ -39,6 +39,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--min-peers", type=int, default=1, help="before round 1 of a new swarm, wait until this many peers are advertised")
     p.add_argument("--background", action="store_true",
                    help="lowest CPU/IO priority; pause while other processes keep the CPU busy or on battery")
+    p.add_argument("--swarm-key", default=None, metavar="FILE",
+                   help="private swarm: only peers with this key (python -m swarm.key FILE makes one) are members")
     p.add_argument("--uniform", action="store_true", help="equal token quotas for all peers instead of speed-negotiated ones (baseline)")
     args = p.parse_args(argv)
     if not 0 < args.max_utilization <= 1:

@@ -65,6 +65,9 @@ class Peer(StateSync):
             from swarm.hardware import tune_allocator
 
             self.allocator = tune_allocator()
+        from swarm.key import load as load_swarm_key
+
+        self.swarm_key = load_swarm_key(Path(args.swarm_key)) if getattr(args, "swarm_key", None) else None
         self.out = Path(args.output or os.path.join(".", "swarm-output")).resolve()
         self._lock_output()
         self.transport = None
@@ -103,7 +106,8 @@ class Peer(StateSync):
 
         a = self.args
         self.transport = HivemindTransport(host=a.host, port=a.port, initial_peers=a.initial_peers,
-                                           identity=self.out / "identity.key", log_file=self.out / "network.log")
+                                           identity=self.out / "identity.key", log_file=self.out / "network.log",
+                                           swarm_key=self.swarm_key)
         route_swarm_logs(self.out / "network.log")
         self.me = self.transport.peer_id
         self.log = Reporter(self.me)
