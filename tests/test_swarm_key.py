@@ -4,6 +4,7 @@ and a keyed 2-peer swarm trains while a peer with another key is never counted (
 from __future__ import annotations
 
 import dataclasses
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -80,3 +81,48 @@ def test_group_announcements_need_the_swarm_key():
     assert not is_member(k, MSGPackSerializer.dumps(wa), idx.encode())  # a member's announcement, replayed by another id
     assert not is_member(k, MSGPackSerializer.dumps(wx), idx.encode()) and not is_member(k, b"junk", idx.encode())
     assert is_member(None, b"junk", idx.encode())
+
+
+@pytest.mark.slow
+def test_keyed_swarm_trains_and_refuses_a_peer_with_another_key(peers, tmp_path):
+    """a and b share a key and train; x (another key) joins through a's address: it is never in a group, its
+    records are never counted, and a serves it no state."""
+    import asyncio
+
+    from conftest import metrics
+    from swarm.transport.hivemind_dht import peer_id_of
+
+    create(tmp_path / "k"), create(tmp_path / "other")
+    common = ["--max-rounds", "6", "--min-peers", "2"]
+    peers.start("a", *common, "--swarm-key", str(tmp_path / "k"))
+    addrs = peers.addrs("a")
+    peers.start("b", *common, "--swarm-key", str(tmp_path / "k"), initial_peers=addrs)
+    peers.start("x", "--max-rounds", "2", "--swarm-key", str(tmp_path / "other"), initial_peers=addrs)
+    end = time.monotonic() + 240
+    while not metrics(peers.base / "a" / "metrics.jsonl"):
+        assert time.monotonic() < end and peers.procs["a"].poll() is None, peers.log("a")[-3000:]
+        time.sleep(0.2)
+
+    async def download_as_outsider() -> int:
+        from hivemind.p2p import P2P, PeerID
+        from hivemind.proto import averaging_pb2
+        from swarm.transport.hivemind_averager import SwarmAverager
+
+        p2p = await P2P.create(initial_peers=addrs, host_maddrs=["/ip4/127.0.0.1/tcp/0"], nat_port_map=False,
+                               use_relay=False, auto_nat=False)
+        try:
+            stub = SwarmAverager.get_stub(p2p, PeerID.from_base58(addrs[0].rsplit("/p2p/", 1)[1]), namespace="default_avg")
+            return len([m async for m in await stub.rpc_download_state(averaging_pb2.DownloadRequest())])
+        finally:
+            await p2p.shutdown()
+
+    assert asyncio.run(asyncio.wait_for(download_as_outsider(), 60)) == 0
+    for name in "ab":
+        assert peers.wait(name, 300) == 0, peers.log(name)[-3000:]
+    ids = {n: peer_id_of(peers.base / n / "identity.key") for n in "abx"}
+    ma, mb = (metrics(peers.base / n / "metrics.jsonl") for n in "ab")
+    assert [m["round"] for m in ma] == list(range(1, 7)) == [m["round"] for m in mb]
+    for m1, m2 in zip(ma, mb):
+        assert m1["adapter_sha256"] == m2["adapter_sha256"] and m1["members"] == sorted([ids["a"], ids["b"]])
+    assert ids["x"] not in peers.log("a") + peers.log("b")  # never planned, counted or named
+    assert "refused a state download to" in (peers.base / "a" / "network.log").read_text()

@@ -15,6 +15,7 @@ import asyncio
 import logging
 import random
 import threading
+from typing import AsyncIterator
 
 import numpy as np
 import torch
@@ -24,7 +25,7 @@ from hivemind.averaging import DecentralizedAverager
 from hivemind.averaging.allreduce import AllReduceRunner, AveragingMode
 from hivemind.averaging.partition import BannedException, TensorPartReducer
 from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
-from hivemind.p2p import P2P, PeerID
+from hivemind.p2p import P2P, P2PContext, PeerID
 from hivemind.proto import averaging_pb2
 from hivemind.utils import MSGPackSerializer
 from hivemind.utils.asyncio import aiter_with_timeout, amap_in_executor, as_aiter, azip
@@ -310,7 +311,8 @@ class SwarmAverager(DecentralizedAverager):
                 future.set_result(None)
 
     # --- members only (runs in the averager's process) ---------------------------------------------------
-    async def rpc_download_state(self, request, context):
+    async def rpc_download_state(self, request: averaging_pb2.DownloadRequest,
+                                 context: P2PContext) -> AsyncIterator[averaging_pb2.DownloadData]:
         """A private swarm serves its state only to libp2p ids that members declared in the (HMAC-checked) DHT."""
         if self.swarm_key is not None and context.remote_id not in await self._member_ids():
             _log.warning("refused a state download to %s: not a member of this private swarm", context.remote_id)
@@ -330,7 +332,8 @@ class SwarmAverager(DecentralizedAverager):
                 pass
         return out
 
-    async def rpc_join_group(self, request, context):
+    async def rpc_join_group(self, request: averaging_pb2.JoinRequest,
+                             context: P2PContext) -> AsyncIterator[averaging_pb2.MessageFromLeader]:
         """Refuse followers that cannot prove membership of a private swarm (before they are in a group)."""
         if self.swarm_key is not None and not is_member(self.swarm_key, _user_part(request.gather), context.remote_id.to_base58().encode()):
             _log.warning("refused %s in matchmaking: not a member of this private swarm", context.remote_id)
