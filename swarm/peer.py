@@ -391,11 +391,14 @@ class Peer(StateSync):
         self.transport.ban({p for p, last in self.banned.items() if last >= rnd})
 
     def verify_run(self) -> None:
-        """The swarm's record of this run (the oldest wins) must still be ours: else this peer is in the wrong swarm."""
+        """The run record this peer joined with is pinned: a record read later (another fingerprint, an older
+        self-declared `created`: anyone can write one) never replaces it and never stops a running peer; it is
+        reported once, and this peer keeps publishing its own."""
         rec = self.members.runs().get(self.run.name)
-        if rec is not None and rec != self.run_record:
-            self.run_record = rec
-            self._check_run()
+        if rec is not None and rec != self.run_record and rec != getattr(self, "_foreign_run", None):
+            self._foreign_run = rec
+            self.log.warn(f"ignoring another record of run {rec.name!r} in the DHT (fingerprint {rec.fingerprint[:12]}, "
+                          f"created {rec.created:.0f}): this peer keeps the run it joined")
 
     def plan(self, rnd: int, stop) -> RoundPlan | None:
         if self.paused:

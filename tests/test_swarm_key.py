@@ -126,3 +126,23 @@ def test_keyed_swarm_trains_and_refuses_a_peer_with_another_key(peers, tmp_path)
         assert m1["adapter_sha256"] == m2["adapter_sha256"] and m1["members"] == sorted([ids["a"], ids["b"]])
     assert ids["x"] not in peers.log("a") + peers.log("b")  # never planned, counted or named
     assert "refused a state download to" in (peers.base / "a" / "network.log").read_text()
+
+
+def test_a_replaced_run_record_never_stops_a_running_peer():
+    """Security review, scenario 5: one DHT store of an older record of the same run name made every peer exit."""
+    from swarm.peer import Peer
+    from swarm.records import RunRecord
+
+    def record(fp, created):
+        return RunRecord(name="default", protocol=1, fingerprint=fp, base_sha256="0" * 64, model="m", params=1,
+                         config={}, created=created)
+
+    mine, lure = record("mine", 100.0), record("evil", 0.0)
+    warned = []
+    p = Peer.__new__(Peer)
+    p.run, p.run_record = SimpleNamespace(name="default"), mine
+    p.members = SimpleNamespace(runs=lambda: {"default": lure})
+    p.log = SimpleNamespace(warn=lambda msg, *a: warned.append(msg))
+    p.verify_run()
+    p.verify_run()
+    assert p.run_record is mine and len(warned) == 1 and "keeps the run it joined" in warned[0]
