@@ -42,6 +42,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16", "nf4"], default="auto",
                    help="precision of the frozen base model (the LoRA adapter is fp32 everywhere); auto: the most precise "
                         "one this peer can run")
+    p.add_argument("--swarm-key", default=None, metavar="FILE",
+                   help="private swarm: only peers with this key (python -m swarm.key FILE makes one) are members")
     p.add_argument("--uniform", action="store_true", help="equal token quotas for all peers instead of speed-negotiated ones (baseline)")
     args = p.parse_args(argv)
     if not 0 < args.max_utilization <= 1:

@@ -65,6 +65,9 @@ class Peer(StateSync):
             from swarm.hardware import tune_allocator
 
             self.allocator = tune_allocator()
+        from swarm.key import load as load_swarm_key
+
+        self.swarm_key = load_swarm_key(Path(args.swarm_key)) if getattr(args, "swarm_key", None) else None
         self.out = Path(args.output or os.path.join(".", "swarm-output")).resolve()
         self._lock_output()
         self.transport = None
@@ -106,7 +109,8 @@ class Peer(StateSync):
 
         a = self.args
         self.transport = HivemindTransport(host=a.host, port=a.port, initial_peers=a.initial_peers,
-                                           identity=self.out / "identity.key", log_file=self.out / "network.log")
+                                           identity=self.out / "identity.key", log_file=self.out / "network.log",
+                                           swarm_key=self.swarm_key)
         route_swarm_logs(self.out / "network.log")
         self.me = self.transport.peer_id
         self.log = Reporter(self.me)
@@ -414,11 +418,14 @@ class Peer(StateSync):
         self.transport.ban({p for p, last in self.banned.items() if last >= rnd})
 
     def verify_run(self) -> None:
-        """The swarm's record of this run (the oldest wins) must still be ours: else this peer is in the wrong swarm."""
+        """The run record this peer joined with is pinned: a record read later (another fingerprint, an older
+        self-declared `created`: anyone can write one) never replaces it and never stops a running peer; it is
+        reported once, and this peer keeps publishing its own."""
         rec = self.members.runs().get(self.run.name)
-        if rec is not None and rec != self.run_record:
-            self.run_record = rec
-            self._check_run()
+        if rec is not None and rec != self.run_record and rec != getattr(self, "_foreign_run", None):
+            self._foreign_run = rec
+            self.log.warn(f"ignoring another record of run {rec.name!r} in the DHT (fingerprint {rec.fingerprint[:12]}, "
+                          f"created {rec.created:.0f}): this peer keeps the run it joined")
 
     def plan(self, rnd: int, stop) -> RoundPlan | None:
         if self.paused:

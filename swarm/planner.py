@@ -30,7 +30,7 @@ How a plan is made (mode "negotiated"; "uniform" differs only in step 3):
 5. Time. `expected_seconds = quota_tokens / effective speed`;
    `predicted_seconds = max(expected_seconds)`;
    `deadline_seconds = max(predicted_seconds, previous_round_seconds or 0) * slack + margin_seconds`
-   (defaults 1.5 and 2 s). `previous_round_seconds` is the measured compute time of the previous
+   (defaults 1.5 and 2 s), at most `averaging.round_timeout`. `previous_round_seconds` is the measured compute time of the previous
    round, so the deadline adapts when the adverts are optimistic; it never shrinks below the
    prediction. A peer that has not finished by the deadline contributes what it has.
 
@@ -365,7 +365,9 @@ def plan_round(
         tasks=tasks,
         total_tokens=total * seq_len,
         predicted_seconds=predicted,
-        deadline_seconds=basis * slack + margin_seconds,
+        # capped: one advert of a crawling speed (0.001 tokens/s) must not stall every round for days; a peer
+        # that has not finished by then contributes what it trained
+        deadline_seconds=min(basis * slack + margin_seconds, run.averaging.round_timeout),
         excluded=tuple(excluded),
         reason=None,
     )

@@ -78,6 +78,7 @@ def main(argv=None) -> int:
     ap = Parser(prog="python -m swarm.status", description="Show a swarm's runs and peers without joining training.")
     ap.add_argument("--initial-peers", nargs="+", required=True, metavar="MULTIADDR", help="any live peer's multiaddr")
     ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    ap.add_argument("--swarm-key", default=None, metavar="FILE", help="the key of a private swarm (to read its records)")
     ap.add_argument("--wait", type=float, default=1.0, help="seconds to let the DHT connect before reading (default 1)")
     args = ap.parse_args(argv)
     from swarm.join import check_multiaddr
@@ -90,7 +91,10 @@ def main(argv=None) -> int:
         from swarm.membership import Membership
         from swarm.transport.hivemind_dht import HivemindTransport
 
-        transport = HivemindTransport(host="127.0.0.1", initial_peers=args.initial_peers, client_mode=True)
+        from swarm.key import load as load_swarm_key
+
+        key = load_swarm_key(args.swarm_key) if args.swarm_key else None
+        transport = HivemindTransport(host="127.0.0.1", initial_peers=args.initial_peers, client_mode=True, swarm_key=key)
         time.sleep(max(0.0, args.wait))
         snapshot = collect(Membership(transport), transport.now())
     except SwarmError as e:

@@ -224,23 +224,26 @@ class StateSync:
 
     def confirmed(self, rnd: int, digest: str, lineage: str | None = None) -> bool | None:
         """Is `digest` the swarm's adapter after round `rnd`, by the word of the peers that have passed it?
-        True: more than half of them (of one framework) report it, or none has (nothing to compare with);
-        False: reports are split (retry: they lag a commit by a moment); None: a majority reports another
-        hash (reject it, and its source). `lineage` (the state's, which covers its pace and work): more than
+        True: more than half of them (of one framework) report it; False: reports are split, or nobody reports
+        round `rnd` at all (retry: they lag a commit by a moment; an unvouched round is never adopted); None: a
+        majority reports another hash (reject it, and its source). `lineage` (the state's, which covers its pace and work): more than
         half of the peers of any framework that report a lineage for round `rnd` must report this one."""
         by_backend: dict[str, list[str | None]] = {}
         lineages: list[str] = []
-        for p in self.members.progress(self.run.name):
-            if p.peer_id != self.me and p.state != "leaving" and p.round >= rnd and self.banned.get(p.peer_id, 0) < rnd:
-                said = p.history.get(str(rnd)) or (p.adapter_sha256 if p.round == rnd else None)
-                by_backend.setdefault(p.backend, []).append(said)
-                reported = chain_of(p).get(rnd)
-                if reported:
-                    lineages.append(reported)
+        passed = [p for p in self.members.progress(self.run.name)
+                  if p.peer_id != self.me and p.round >= rnd and self.banned.get(p.peer_id, 0) < rnd]
+        # peers still training vote; when none has passed `rnd`, peers that left after it (a finished run's final state)
+        voters = [p for p in passed if p.state != "leaving"] or passed
+        for p in voters:
+            said = p.history.get(str(rnd)) or (p.adapter_sha256 if p.round == rnd else None)
+            by_backend.setdefault(p.backend, []).append(said)
+            reported = chain_of(p).get(rnd)
+            if reported:
+                lineages.append(reported)
         if lineage is not None and lineages and 2 * lineages.count(lineage) <= len(lineages):
             return None if any(2 * lineages.count(h) > len(lineages) for h in set(lineages)) else False
-        if not by_backend:
-            return True
+        if not by_backend:  # no vote: wait. State claiming a round nobody vouches for (a far-future one) is never adopted
+            return False
         contradicted = False
         for said in by_backend.values():
             if 2 * said.count(digest) > len(said):

@@ -76,12 +76,21 @@ class Testbed:
         self.threads = args.threads or max(1, (os.cpu_count() or 1) // args.peers)
         self.procs: list[subprocess.Popen] = []
         self.logs: list[Path] = []
+        self.key_file = self.out / "swarm.key"  # a private swarm: its peers share this key (reused by a rerun)
+
+    def ensure_key(self) -> None:
+        from swarm import key
+
+        if self.key_file.exists():
+            key.load(self.key_file)
+        else:
+            key.create(self.key_file)
 
     def command(self, k: int, initial_peers: list[str] | None) -> list[str]:
         a = self.args
         cmd = [sys.executable, "-m", "swarm.join", "--host", "127.0.0.1", "--output", str(self.out / f"peer{k}"),
                "--max-rounds", str(a.max_rounds), "--min-peers", str(a.peers), "--threads", str(self.threads),
-               "--seed", str(a.seed)]
+               "--seed", str(a.seed), "--swarm-key", str(self.key_file)]
         if a.config:
             cmd += ["--config", a.config]
         if initial_peers:
@@ -99,6 +108,8 @@ class Testbed:
         return cmd
 
     def spawn(self, k: int, initial_peers: list[str] | None) -> None:
+        if k == 0:
+            self.ensure_key()
         d = self.out / f"peer{k}"
         d.mkdir(parents=True, exist_ok=True)
         for stale in ("metrics.jsonl",):

@@ -173,3 +173,14 @@ def test_round_one_waits_for_visible_peers_still_loading():
     assert not peer._wait_before_round_one([me, _advert("b", loading=True), _advert("c", training_round=1)])
     peer.args.min_peers = 3
     assert peer._wait_before_round_one([me, _advert("b")])
+
+
+def test_state_of_a_round_nobody_vouches_for_is_never_adopted():
+    """Security review, scenario 2: with no peer past round R, confirmed() said True, so a far-future round was adopted."""
+    g = _genesis()
+    s1 = _step(g, "a")
+    assert _sync("me", g, []).confirmed(10 ** 9, s1.adapter_sha256, s1.lineage) is False
+    assert _sync("me", g, [_record("p", g)]).confirmed(1, s1.adapter_sha256, s1.lineage) is False
+    assert _sync("me", g, [_record("p", s1)]).confirmed(1, s1.adapter_sha256, s1.lineage) is True
+    # a finished run: only peers that left after round 1 report it; they vouch for its final state
+    assert _sync("me", g, [_record("p", s1, state="leaving")]).confirmed(1, s1.adapter_sha256, s1.lineage) is True

@@ -48,7 +48,9 @@ def check_invariants(plan: RoundPlan, run: RunConfig) -> None:
         assert 1 <= t.last_micro_batch <= t.micro_batch
         assert (t.accumulation_steps - 1) * t.micro_batch + t.last_micro_batch == t.sequences
         assert t.expected_seconds == pytest.approx(t.quota_tokens / t.effective_tokens_per_s)
-        assert t.expected_seconds <= plan.predicted_seconds <= plan.deadline_seconds
+        assert t.expected_seconds <= plan.predicted_seconds
+        cap = run.averaging.round_timeout  # capped: a crawling advert must not stall the swarm
+        assert min(plan.predicted_seconds, cap) <= plan.deadline_seconds <= cap
     json.dumps(plan.to_dict(), allow_nan=False)
 
 
@@ -404,3 +406,22 @@ def test_choose_run_nothing_fits():
     assert fit_reason(int(3.2 * GB), 2 * GB) == "needs 3.2 GB, has 2.0 GB"
     none = choose_run([], 8 * GB)
     assert none.run is None and "no runs" in none.reason
+
+
+def test_one_crawling_advert_cannot_stall_the_round():
+    """Security review, scenario 4: an advert of 0.001 tokens/s gave a deadline of ~2 days; it is capped at
+    averaging.round_timeout (the crawling peer contributes what it has by then)."""
+    from swarm.config import default_run
+    from swarm.records import CapabilityAdvert
+
+    run = default_run()
+
+    def advert(pid, speed):
+        return CapabilityAdvert(peer_id=pid, run=run.name, backend="cpu", device="cpu", tier="sweet-spot",
+                                memory_total_bytes=8 << 30, memory_usable_bytes=4 << 30, throughput_tokens_per_s=speed,
+                                max_micro_batch=8, timestamp=1.0)
+
+    plan = plan_round(run, [advert("a", 1000.0), advert("b", 1000.0), advert("x", 0.001)], 1)
+    assert plan.task_for("x") is not None and plan.deadline_seconds == run.averaging.round_timeout
+    fast = plan_round(run, [advert("a", 1000.0), advert("b", 1000.0)], 1)
+    assert fast.deadline_seconds < run.averaging.round_timeout

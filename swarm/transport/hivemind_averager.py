@@ -15,6 +15,7 @@ import asyncio
 import logging
 import random
 import threading
+from typing import AsyncIterator
 
 import numpy as np
 import torch
@@ -24,7 +25,7 @@ from hivemind.averaging import DecentralizedAverager
 from hivemind.averaging.allreduce import AllReduceRunner, AveragingMode
 from hivemind.averaging.partition import BannedException, TensorPartReducer
 from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
-from hivemind.p2p import P2P, PeerID
+from hivemind.p2p import P2P, P2PContext, PeerID
 from hivemind.proto import averaging_pb2
 from hivemind.utils import MSGPackSerializer
 from hivemind.utils.asyncio import aiter_with_timeout, amap_in_executor, as_aiter, azip
@@ -32,6 +33,7 @@ from hivemind.utils.streaming import combine_from_streaming
 from hivemind.utils.timed_storage import ValueWithExpiration
 
 from swarm.averaging import check_part, expectations, marker_part
+from swarm.key import SwarmKey
 from swarm.transport.base import StateProvider, TransportError
 
 MAX_MESSAGE_BYTES = 32 << 20  # largest message any peer may send us: parts are 512 KiB, state chunks 4 MiB
@@ -54,6 +56,33 @@ async def _receive_raw_data(reader) -> bytes:
 
 
 P2P.receive_raw_data = staticmethod(_receive_raw_data)  # before any DHT/averager process forks
+
+
+def _proof_parts(wrapper: dict, p2p_id: bytes) -> tuple[bytes, ...]:
+    return (b"swarm-member", MSGPackSerializer.dumps(wrapper["g"]), wrapper["k"], wrapper["s"], p2p_id)
+
+
+def member_proof(key: SwarmKey, wrapper: dict, p2p_id: bytes) -> bytes:
+    """HMAC with the swarm key over a signed announcement and the libp2p id it is sent from."""
+    return key.mac(*_proof_parts(wrapper, p2p_id))
+
+
+def is_member(key: SwarmKey | None, user_gathered: bytes, p2p_id: bytes) -> bool:
+    """Does this announcement (hivemind's user part of a gather) prove membership of the swarm of `key`?"""
+    if key is None:
+        return True
+    try:
+        wrapper = MSGPackSerializer.loads(user_gathered)
+        return isinstance(wrapper, dict) and key.check(wrapper.get("h"), *_proof_parts(wrapper, p2p_id))
+    except Exception:
+        return False
+
+
+def _user_part(gathered_bytes: bytes) -> bytes:
+    try:
+        return MSGPackSerializer.loads(gathered_bytes)[2]
+    except Exception:
+        return b""
 
 
 def _announced(gathered_bytes: bytes) -> dict:
@@ -155,6 +184,7 @@ class SwarmAverager(DecentralizedAverager):
     state_provider: StateProvider | None = None
     clip_norm: float = 1.0
     max_norm_ratio: float | None = None
+    swarm_key: SwarmKey | None = None
 
     def run(self) -> None:
         # a dying p2pd (Ctrl-C reaches the whole process group) makes hivemind's shutdown raise in a
@@ -206,6 +236,11 @@ class SwarmAverager(DecentralizedAverager):
         banned = self._banned_ids() & set(group_info.peer_ids)
         if banned:
             raise TransportError(f"group includes banned peer(s) {sorted(p.to_base58() for p in banned)}")
+        strangers = [pid for pid, raw in zip(group_info.peer_ids, group_info.gathered)
+                     if pid != self.peer_id and not is_member(self.swarm_key, _user_part(raw), pid.to_base58().encode())]
+        if strangers:  # before any part is sent or accepted
+            _log.warning("refused a group with non-member(s) %s (no valid swarm key proof)", [p.to_base58() for p in strangers])
+            raise TransportError(f"group includes non-member(s) {sorted(p.to_base58() for p in strangers)}")
         announced = {pid: _announced(raw) for pid, raw in zip(group_info.peer_ids, group_info.gathered)}
         runner = _CheckedRunner(p2p=self._p2p, servicer_type=type(self), prefix=self.prefix, tensors=tensors,
                                 group_id=group_id, ordered_peer_ids=group_info.peer_ids, announced=announced,
@@ -274,6 +309,38 @@ class SwarmAverager(DecentralizedAverager):
         finally:
             if not future.done():
                 future.set_result(None)
+
+    # --- members only (runs in the averager's process) ---------------------------------------------------
+    async def rpc_download_state(self, request: averaging_pb2.DownloadRequest,
+                                 context: P2PContext) -> AsyncIterator[averaging_pb2.DownloadData]:
+        """A private swarm serves its state only to libp2p ids that members declared in the (HMAC-checked) DHT."""
+        if self.swarm_key is not None and context.remote_id not in await self._member_ids():
+            _log.warning("refused a state download to %s: not a member of this private swarm", context.remote_id)
+            return
+        async for message in super().rpc_download_state(request, context):
+            yield message
+
+    async def _member_ids(self) -> set:
+        key = f"{self._matchmaking.group_key_manager.prefix}.all_averagers"
+        found = await self.dht.get(key, latest=True, return_future=True)
+        value = found.value if found is not None else None
+        out = set()
+        for sub in value if isinstance(value, dict) else ():
+            try:
+                out.add(PeerID(sub))
+            except Exception:
+                pass
+        return out
+
+    async def rpc_join_group(self, request: averaging_pb2.JoinRequest,
+                             context: P2PContext) -> AsyncIterator[averaging_pb2.MessageFromLeader]:
+        """Refuse followers that cannot prove membership of a private swarm (before they are in a group)."""
+        if self.swarm_key is not None and not is_member(self.swarm_key, _user_part(request.gather), context.remote_id.to_base58().encode()):
+            _log.warning("refused %s in matchmaking: not a member of this private swarm", context.remote_id)
+            yield averaging_pb2.MessageFromLeader(code=averaging_pb2.PROTOCOL_VIOLATION)
+            return
+        async for message in super().rpc_join_group(request, context):
+            yield message
 
     # --- bans (runs in the averager's process) -------------------------------------------------------
     def _banned_ids(self) -> set:

@@ -23,13 +23,15 @@ import hivemind
 from hivemind.averaging.control import AveragingStage
 from hivemind.compression import NoCompression
 from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 from hivemind.utils import MSGPackSerializer
 from hivemind.utils.crypto import RSAPrivateKey, RSAPublicKey
 from hivemind.utils.timed_storage import ValueWithExpiration
 
 from swarm import SwarmError
+from swarm.key import SwarmKey
 from swarm.transport.base import ABANDONED, Record, ReduceResult, StateProvider, TransportError
-from swarm.transport.hivemind_averager import MAX_MESSAGE_BYTES, SwarmAverager
+from swarm.transport.hivemind_averager import MAX_MESSAGE_BYTES, SwarmAverager, _proof_parts, member_proof
 
 __all__ = ["HivemindTransport", "MAX_MESSAGE_BYTES", "load_identity", "owner_of", "peer_id_of"]
 
@@ -84,6 +86,38 @@ def peer_id_of(identity: Path) -> str:
     return owner_of(RSASignatureValidator(load_identity(identity)).local_public_key)
 
 
+class SwarmKeyValidator(RecordValidatorBase):
+    """Private swarms (`swarm.key`): every DHT value carries an HMAC, with the swarm key, of its key,
+    subkey, value (RSA signature included) and expiration. hivemind calls `validate` when another node
+    asks to store a record and on every record another node returns: a non-member can neither store
+    in members' nodes nor have what it serves read. Covers hivemind's own averager records too."""
+
+    _RE = re.compile(rb"\[swarm-hmac:([0-9a-f]{64})\]$")
+
+    def __init__(self, key: SwarmKey) -> None:
+        self.key = key
+
+    def _tag(self, record: DHTRecord, value: bytes) -> bytes:
+        return self.key.mac(record.key, record.subkey, value, repr(float(record.expiration_time)).encode())
+
+    def validate(self, record: DHTRecord) -> bool:
+        m = self._RE.search(record.value)
+        return m is not None and self.key.check(bytes.fromhex(m.group(1).decode()), *self._parts(record))
+
+    def _parts(self, record: DHTRecord):
+        return (record.key, record.subkey, self.strip_value(record), repr(float(record.expiration_time)).encode())
+
+    def sign_value(self, record: DHTRecord) -> bytes:
+        return record.value + b"[swarm-hmac:" + self._tag(record, record.value).hex().encode() + b"]"
+
+    def strip_value(self, record: DHTRecord) -> bytes:
+        return self._RE.sub(b"", record.value)
+
+    @property
+    def priority(self) -> int:
+        return 100  # signs last (over the RSA signature), validates first
+
+
 def _die_when_serving(provider: StateProvider, flag: str) -> StateProvider:
     def serve():
         try:
@@ -101,7 +135,8 @@ class HivemindTransport:
     """DHT membership starts at construction; averaging opens once the run (and so the vector size) is known."""
 
     def __init__(self, *, host: str = "0.0.0.0", port: int = 0, initial_peers: list[str] | None = None,
-                 identity: Path | None = None, client_mode: bool = False, log_file: Path | None = None) -> None:
+                 identity: Path | None = None, client_mode: bool = False, log_file: Path | None = None,
+                 swarm_key: SwarmKey | None = None) -> None:
         from swarm.lifecycle import guard
 
         guard()  # hivemind's DHT, averager and p2pd end with this process, however it ends
@@ -109,6 +144,8 @@ class HivemindTransport:
         self._key = load_identity(identity)
         self._signer = RSASignatureValidator(self._key)
         self.peer_id = owner_of(self._signer.local_public_key)
+        self.swarm_key = swarm_key  # None: an open swarm
+        validators = [self._signer] + ([SwarmKeyValidator(swarm_key)] if swarm_key is not None else [])
         self._lock = threading.Lock()  # DHT calls come from the loop and the advertiser thread
         self._averager: SwarmAverager | None = None
         self._group_size = 0
@@ -116,7 +153,7 @@ class HivemindTransport:
         ip = "ip6" if ":" in host else "ip4"
         try:
             self.dht = hivemind.DHT(
-                initial_peers=initial_peers or None, start=True, record_validators=[self._signer],
+                initial_peers=initial_peers or None, start=True, record_validators=validators,
                 host_maddrs=[f"/{ip}/{host}/tcp/{port}"], nat_port_map=not loopback,
                 use_relay=not loopback, auto_nat=not loopback, startup_timeout=30, client_mode=client_mode,
             )
@@ -144,6 +181,7 @@ class HivemindTransport:
         )
         # reducers check every sender against these (set before the averager's process forks)
         self._averager.clip_norm, self._averager.max_norm_ratio = clip_norm, max_norm_ratio
+        self._averager.swarm_key = self.swarm_key  # refuses non-members in matchmaking and state download
         self._averager.run_in_background(await_ready=True)
         self._group_size = 2
         self._p2p_of: dict[str, str] = {}  # swarm peer id -> libp2p peer id, learned from signed gathers
@@ -242,7 +280,10 @@ class HivemindTransport:
         """Bind this peer's announcement to its swarm id (its RSA key) and its libp2p id, for this group only."""
         me = self.dht.peer_id.to_base58().encode()
         body = MSGPackSerializer.dumps(gather) + b"|" + me + b"|" + group_key.encode()
-        return {"g": gather, "k": self._signer.local_public_key, "s": self._key.sign(body)}
+        signed = {"g": gather, "k": self._signer.local_public_key, "s": self._key.sign(body)}
+        if getattr(self, "swarm_key", None) is not None:  # membership proof, checked by the averager before any part moves
+            signed["h"] = member_proof(self.swarm_key, signed, me)
+        return signed
 
     def _verify(self, wrapper: Any, p2p_id: str, group_key: str) -> str | None:
         """The swarm id that signed this member's announcement for its own libp2p id, or None."""
@@ -250,6 +291,9 @@ class HivemindTransport:
             key, sig, g = wrapper["k"], wrapper["s"], wrapper["g"]
             m = re.fullmatch(rb"\[owner:(.+)\]", key, re.S)
             body = MSGPackSerializer.dumps(g) + b"|" + p2p_id.encode() + b"|" + group_key.encode()
+            if getattr(self, "swarm_key", None) is not None and not self.swarm_key.check(
+                    wrapper.get("h"), *_proof_parts(wrapper, p2p_id.encode())):
+                return None
             if m and isinstance(g, dict) and RSAPublicKey.from_bytes(m.group(1)).verify(body, sig):
                 return owner_of(key)
         except Exception:
