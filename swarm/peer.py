@@ -621,7 +621,8 @@ class Peer(StateSync):
         self.metrics.write({
             "round": state.round, "peer": self.me, "loss": loss, "group_loss": outcome.group_loss, "tokens": train.tokens,
             "group_tokens": outcome.group_tokens, "group_size": outcome.group_size, "seconds": round(seconds, 4),
-            "train_seconds": round(train.seconds, 4), "wait_seconds": round(outcome.reduce_seconds, 4),
+            "train_seconds": round(train.seconds, 4), "idle_seconds": round(self.pacer.slept, 4),
+            "wait_seconds": round(outcome.reduce_seconds, 4),
             "barrier_wait_seconds": round(outcome.barrier_wait, 4),
             "tokens_per_s": round(tps, 2), "backend": self.backend.name, "precision": self.precision.precision,
             "checkpointing": self.precision.gradient_checkpointing, "adapter_sha256": digest,

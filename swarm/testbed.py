@@ -2,7 +2,7 @@
 
 The first peer starts the swarm; the others join it through the multiaddr it prints. Per-peer
 `--memory-limit` and `--max-utilization` lists make a heterogeneous swarm on one machine.
-Writes DIR/summary.json; exits 0 only if every peer succeeded and all final adapters are identical.
+Writes DIR/summary.json and the run's plots (DIR/plots/*.png, swarm.report); exits 0 only if every peer succeeded and all final adapters are identical.
 """
 
 from __future__ import annotations
@@ -229,6 +229,19 @@ class Testbed:
                 "max_rounds": self.args.max_rounds}
 
 
+def draw_plots(out: Path) -> None:
+    """The run's plots (swarm.report) into DIR/plots, their paths printed; a run with no round draws none."""
+    from swarm.report import report
+
+    began = time.monotonic()
+    try:
+        paths = report([out], out / "plots")
+    except SwarmError as e:
+        print(f"testbed: no plots: {e}", flush=True)
+        return
+    print(f"testbed: {len(paths)} plots in {time.monotonic() - began:.1f}s: " + " ".join(map(str, paths)), flush=True)
+
+
 def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt  # SIGTERM (e.g. from `timeout`) stops the peers like Ctrl-C does, never orphans them
 
@@ -272,6 +285,7 @@ def main(argv=None) -> int:
             tail = (bed.out / p["peer"] / "log.txt").read_text(errors="replace").strip().splitlines()[-3:]
             print(f"{p['peer']} exited with {p['exit_code']}: " + " | ".join(tail), file=sys.stderr)
             failed.append(f"{p['peer']} exited with {p['exit_code']} ({tail[-1] if tail else 'no output'})")
+    draw_plots(bed.out)
     if failed:  # the real failure, not a consequence of it
         verdict = "; ".join(failed)
     else:

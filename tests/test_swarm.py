@@ -39,6 +39,16 @@ def test_testbed_three_peers_identical_every_round_and_loss_falls(tmp_path):
         assert ms[-1]["loss"] < ms[0]["loss"] - 0.2                    # it learns
         assert all(m["group_size"] == 3 for m in ms)
         assert all(m["backend"] == "torch" for m in ms)
+    # the testbed drew the run's plots (swarm.report) and printed their paths
+    plots = ["loss.png", "round_time.png", "plan.png", "throughput.png"]
+    assert "testbed: 4 plots in" in res.stdout and all(str(out / "plots" / p) in res.stdout for p in plots), res.stdout[-2000:]
+    assert all((out / "plots" / p).read_bytes().startswith(b"\x89PNG") for p in plots)
+    from swarm.report import events, find_metrics, load_peers, time_split
+
+    series = load_peers(find_metrics([out]))
+    assert [p.label for p in series] == ["peer0", "peer1", "peer2"] and events(series) == []  # nobody joined, left, cheated
+    for m in metrics(files[0]):                                        # a round's parts add up to its seconds
+        assert abs(sum(time_split(m).values()) - m["seconds"]) < 0.01 and m["idle_seconds"] == 0.0
     cfg = json.loads((out / "peer0" / "adapter" / "adapter_config.json").read_text())
     from transformers import AutoConfig
 
