@@ -8,6 +8,7 @@ usage: python scripts/hostile_peer.py MODE [python -m swarm.join arguments]
   outlier  its gradient is 100x larger and it says so (within a loose clip bound: out of line with the group)
   tokens   it claims 100x the tokens it trained, with a gradient encoded to match (to outweigh the others)
   state    it trains honestly, but serves joiners a poisoned adapter (self-consistent hash), at top priority
+  oldrun   it trains honestly, and keeps writing an older record (created 0) of the same run with another fingerprint
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-MODES = ("nan", "huge", "shape", "outlier", "tokens", "state")
+MODES = ("nan", "huge", "shape", "outlier", "tokens", "state", "oldrun")
 if len(sys.argv) < 2 or sys.argv[1] not in MODES:
     sys.exit(f"usage: python scripts/hostile_peer.py {{{','.join(MODES)}}} --host 127.0.0.1 [swarm.join arguments]")
 MODE = sys.argv.pop(1)
@@ -93,6 +94,19 @@ if MODE == "state":
 
     hd.HivemindTransport.open_averaging = open_first_in_line
     hd.HivemindTransport.announce_state_round = lambda self, round_: None  # keep claiming the newest state
+
+if MODE == "oldrun":
+    import swarm.peer
+
+    honest_advertise = swarm.peer.Peer._advertise
+
+    def advertise_and_lure(self):
+        honest_advertise(self)
+        rec = getattr(self, "run_record", None)
+        if rec is not None:
+            self.members.publish_run(rec.model_copy(update={"created": 0.0, "fingerprint": "f" * 16}))
+
+    swarm.peer.Peer._advertise = advertise_and_lure
 
 from swarm.join import main  # noqa: E402
 

@@ -128,3 +128,23 @@ def test_poisoned_state_is_rejected_and_the_joiner_downloads_the_swarms(peers):
     ma, mc = (metrics(peers.base / n / "metrics.jsonl") for n in "ac")
     assert mc and ma[-1]["round"] == mc[-1]["round"] == rounds
     assert ma[-1]["adapter_sha256"] == mc[-1]["adapter_sha256"]
+
+
+def test_an_older_run_record_never_stops_running_peers(peers):
+    """Scenario 5 of the security review: x keeps writing an older record (created 0) of the run with another
+    fingerprint; a and b keep the run they joined, train every round together and exit 0."""
+    common = ["--max-rounds", "4", "--min-peers", "3"]
+    peers.start("a", *common)
+    addrs = peers.addrs("a")
+    peers.start("b", *common, initial_peers=addrs)
+    end = time.monotonic() + 120
+    while "waiting before round 1" not in peers.log("b"):  # b joined the run before the lure is written
+        assert time.monotonic() < end and peers.procs["b"].poll() is None, peers.log("b")[-2000:]
+        time.sleep(0.3)
+    peers.start("x", *common, initial_peers=addrs, program=[*EVIL, "oldrun"])
+    for name in "ab":
+        assert peers.wait(name, 300) == 0, peers.log(name)[-3000:]
+    ma, mb = (metrics(peers.base / n / "metrics.jsonl") for n in "ab")
+    assert [m["round"] for m in ma] == [1, 2, 3, 4] == [m["round"] for m in mb]
+    assert ma[-1]["adapter_sha256"] == mb[-1]["adapter_sha256"]
+    assert any("keeps the run it joined" in peers.log(n) for n in "ab")
