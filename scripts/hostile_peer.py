@@ -11,6 +11,7 @@ usage: python scripts/hostile_peer.py MODE [python -m swarm.join arguments]
   lure     it trains honestly, and publishes a copy of its run record named `lure`, one parameter larger
            (so a joiner without --config would pick it), whose data.source and model.path name a local
            file ($SWARM_LURE_PATH): a joiner must never open it
+  oldrun   it trains honestly, and keeps writing an older record (created 0) of the same run with another fingerprint
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-MODES = ("nan", "huge", "shape", "outlier", "tokens", "state", "lure")
+MODES = ("nan", "huge", "shape", "outlier", "tokens", "state", "lure", "oldrun")
 if len(sys.argv) < 2 or sys.argv[1] not in MODES:
     sys.exit(f"usage: python scripts/hostile_peer.py {{{','.join(MODES)}}} --host 127.0.0.1 [swarm.join arguments]")
 MODE = sys.argv.pop(1)
@@ -121,6 +122,18 @@ if MODE == "lure":
         self.members.publish_run(self.run_record)
 
     swarm.peer.Peer._check_run = check_then_lure
+if MODE == "oldrun":
+    import swarm.peer
+
+    honest_advertise = swarm.peer.Peer._advertise
+
+    def advertise_and_lure(self):
+        honest_advertise(self)
+        rec = getattr(self, "run_record", None)
+        if rec is not None:
+            self.members.publish_run(rec.model_copy(update={"created": 0.0, "fingerprint": "f" * 16}))
+
+    swarm.peer.Peer._advertise = advertise_and_lure
 
 from swarm.join import main  # noqa: E402
 

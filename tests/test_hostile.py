@@ -161,3 +161,23 @@ def test_lure_run_naming_a_local_path_is_never_opened(peers, tmp_path, monkeypat
     control.read_text()
     if os.stat(control).st_atime != old:  # this filesystem records reads (not mounted noatime)
         assert os.stat(canary).st_atime == old  # never opened
+
+
+def test_an_older_run_record_never_stops_running_peers(peers):
+    """Scenario 5 of the security review: x keeps writing an older record (created 0) of the run with another
+    fingerprint; a and b keep the run they joined, train every round together and exit 0."""
+    common = ["--max-rounds", "4", "--min-peers", "3"]
+    peers.start("a", *common)
+    addrs = peers.addrs("a")
+    peers.start("b", *common, initial_peers=addrs)
+    end = time.monotonic() + 120
+    while "waiting before round 1" not in peers.log("b"):  # b joined the run before the lure is written
+        assert time.monotonic() < end and peers.procs["b"].poll() is None, peers.log("b")[-2000:]
+        time.sleep(0.3)
+    peers.start("x", *common, initial_peers=addrs, program=[*EVIL, "oldrun"])
+    for name in "ab":
+        assert peers.wait(name, 300) == 0, peers.log(name)[-3000:]
+    ma, mb = (metrics(peers.base / n / "metrics.jsonl") for n in "ab")
+    assert [m["round"] for m in ma] == [1, 2, 3, 4] == [m["round"] for m in mb]
+    assert ma[-1]["adapter_sha256"] == mb[-1]["adapter_sha256"]
+    assert any("keeps the run it joined" in peers.log(n) for n in "ab")
