@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 
+import pytest
 from rich.console import Console
 
 from swarm.dashboard import Dashboard, DashboardSettings, LossHistory
@@ -64,3 +65,18 @@ def test_routes_serve_the_page_and_the_status_json():
     status, ctype, body, _ = d.route("GET", "/api/swarm?x=1")
     assert ctype == "application/json" and json.loads(body) == d.snapshot
     assert d.route("POST", "/")[0].startswith("405") and d.route("GET", "/etc/passwd")[0].startswith("404")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--serve", "--port", "70000"], "--port 70000 is not in 0..65535"),
+    (["--serve", "--refresh", "0"], "--refresh 0.0 is not in"),
+    (["--serve", "--json"], "do not go together"),
+])
+def test_bad_dashboard_flags_are_one_line_and_exit_2(args, message, capsys):
+    from swarm.status import main
+
+    addr = "/ip4/127.0.0.1/tcp/1/p2p/12D3KooWPGXzYchjfHPfcNLXhFfvUDfRSzKdePoBwdCMxybtSbH3"
+    with pytest.raises(SystemExit) as e:
+        main(["--initial-peers", addr, *args])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and message in err, err
