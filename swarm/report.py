@@ -216,7 +216,7 @@ def draw(peers: list[PeerSeries], out: Path) -> list[Path]:
         quota.step(*_series(p, "round", "quota_tokens"), where="mid", marker=".", label=_label(p))
         micro.step(*_series(p, "round", "micro_batch"), where="mid", marker=".", label=_label(p))
     quota.set(title="negotiated token quota per round", ylabel="tokens")
-    micro.set(title="micro-batch per round (what fits the peer's memory)", ylabel="sequences", xlabel="round")
+    micro.set(title="planned micro-batch per round (at most what fits the peer's memory)", ylabel="sequences", xlabel="round")
     for ax in (quota, micro):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
