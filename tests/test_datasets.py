@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -141,9 +142,12 @@ def test_a_peer_trains_on_an_instruction_dataset_with_masked_tokens(tmp_path):
 
     data = _jsonl(tmp_path / "instr.jsonl", [{"prompt": f"Q{i}: what is {i}+{i}? A:", "completion": f" {2 * i}."}
                                              for i in range(40)])
-    cfg = tmp_path / "instr.yaml"
-    cfg.write_text(f"name: instr\ndata:\n  source: {data}\n  packing: pad\n  sha256: {file_sha256(data)}\n"
-                   f"train:\n  seq_len: 32\n  tokens_per_round: 256\n")
+    import yaml
+
+    cfg = tmp_path / "instr.yaml"  # configs/instruct.yaml with this copy's path and hash
+    shipped = yaml.safe_load((Path(__file__).parent.parent / "configs" / "instruct.yaml").read_text())
+    shipped["data"].update(source=str(data), sha256=file_sha256(data))
+    cfg.write_text(yaml.safe_dump(shipped))
     res = run_cli("swarm.join", "--host", "127.0.0.1", "--config", str(cfg), "--max-rounds", "2",
                   "--output", str(tmp_path / "out"), "--threads", "1", timeout=240)
     assert res.returncode == 0, res.stderr[-3000:]
