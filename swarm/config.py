@@ -78,6 +78,13 @@ class DataConfig(_Strict):
         description="'pydoc' = the documentation text that ships with every CPython (pydoc_data.topics), "
         "or a path to a UTF-8 text file",
     )
+    format: Literal["auto", "text", "jsonl", "parquet"] = Field(
+        "auto", description="how to read a local source: auto (by suffix; a directory is parquet), plain UTF-8 text, "
+        "JSONL with text / prompt+completion / messages, or parquet (a file or a datasets.save_to_disk directory)")
+    packing: Literal["pack", "pad"] = Field(
+        "pack", description="pack: examples concatenated and cut into windows; pad: one example per window")
+    sha256: str | None = Field(
+        None, pattern=r"^[0-9a-f]{64}$", description="content hash of the local source; a peer's copy must match")
 
 
 class AveragingConfig(_Strict):

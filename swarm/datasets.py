@@ -277,3 +277,29 @@ def round_shard(n_windows: int, seed: int, round_: int, member_index: int, quota
     perm = np.concatenate([rng.permutation(n_windows) for _ in range(-(-total // n_windows))])
     start = sum(quotas[:member_index])
     return perm[start:start + quotas[member_index]]
+
+
+def load_windows(source: str, fmt: str, packing: str, sha256: str | None, tokenizer_dir: Path,
+                 seq_len: int) -> Tokenized:
+    """A local dataset's windows, after checking its content hash (when the run names one)."""
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    p = Path(source).expanduser()
+    if not p.exists():
+        raise SwarmError(f"data file not found: {p}; pass an existing file")
+    if sha256 is not None:
+        verify_hash(p, sha256)
+    hf_logging.set_verbosity_error()
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    return windows(read_examples(p, None if fmt == "auto" else fmt), tok, seq_len, packing)  # type: ignore[arg-type]
+
+
+def sample_windows(data: Tokenized, sequences: int, micro_batch: int, seed: int, round_: int, key: int) -> list:
+    """`sequences` windows drawn per (seed, round, peer key), as masked micro-batches."""
+    from swarm.backends.base import Batch
+
+    rng = np.random.Generator(np.random.PCG64([seed, round_, key]))
+    idx = rng.integers(0, len(data.ids), size=sequences)
+    return [Batch(data.ids[idx[i:i + micro_batch]], data.loss_mask[idx[i:i + micro_batch]])
+            for i in range(0, sequences, micro_batch)]

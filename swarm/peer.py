@@ -244,7 +244,17 @@ class Peer(StateSync):
         adapter = self.backend.get_adapter()
         self.shapes = {n: tuple(adapter[n].shape) for n in self.names}
         self.vector_size = sum(int(np.prod(s)) for s in self.shapes.values())
-        self.tokens = corpus_tokens(run.data.source, self.model_dir)
+        self.windows = None  # a local instruction/chat/parquet dataset (swarm.datasets), else raw corpus tokens
+        if run.data.source == "pydoc" or (run.data.format in ("auto", "text") and run.data.sha256 is None
+                                          and Path(run.data.source).suffix not in (".jsonl", ".json", ".parquet")
+                                          and not Path(run.data.source).is_dir()):
+            self.tokens = corpus_tokens(run.data.source, self.model_dir)
+        else:
+            from swarm.datasets import load_windows
+
+            d = run.data
+            self.windows = load_windows(d.source, d.format, d.packing, d.sha256, self.model_dir, run.train.seq_len)
+            self.tokens = np.tile(self.windows.ids.reshape(-1), 2)  # unmasked windows for the speed probe
         self.tokens_per_s = self._probe_throughput()
         self.log.say(f"run {run.name!r}: {shape.param_count() / 1e6:.1f}M-param base ({self.base_sha256[:12]}), "
                      f"{self.vector_size} LoRA params, backend {self.backend.name}, base {self.precision.precision} "
@@ -498,8 +508,13 @@ class Peer(StateSync):
         from swarm.data import peer_key, sample_batches
 
         task = plan.task_for(self.me)
-        batches = sample_batches(self.tokens, self.run.train.seq_len, task.sequences, task.micro_batch,
-                                 self.args.seed, rnd, peer_key(self.me))
+        if self.windows is not None:
+            from swarm.datasets import sample_windows
+
+            batches = sample_windows(self.windows, task.sequences, task.micro_batch, self.args.seed, rnd, peer_key(self.me))
+        else:
+            batches = sample_batches(self.tokens, self.run.train.seq_len, task.sequences, task.micro_batch,
+                                     self.args.seed, rnd, peer_key(self.me))
         self.pacer = Pacer(batches, deadline=self.round_started + plan.deadline_seconds,
                            max_utilization=self.args.max_utilization, stop=lambda: stop() or self.paused)
         result = self.backend.train(self.pacer)

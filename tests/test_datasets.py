@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -131,3 +132,31 @@ def test_network_paths_names_every_local_path_a_record_would_open():
     lure = {**run, "data": {"source": "/home/me/diary.txt"}, "model": {**run["model"], "path": "/home/me/m"}}
     assert network_paths(lure) == ["data.source='/home/me/diary.txt'", "model.path='/home/me/m'"]
     assert network_paths({"data": "junk", "model": None}) == []
+
+
+def test_a_peer_trains_on_an_instruction_dataset_with_masked_tokens(tmp_path):
+    """One real peer, 2 rounds, on a JSONL prompt/completion file named by its hash: the round's tokens
+    are the loss-carrying ones; a wrong hash is one line naming the file, exit 2, nothing trained."""
+    from conftest import metrics, run_cli
+    from swarm.datasets import file_sha256
+
+    data = _jsonl(tmp_path / "instr.jsonl", [{"prompt": f"Q{i}: what is {i}+{i}? A:", "completion": f" {2 * i}."}
+                                             for i in range(40)])
+    import yaml
+
+    cfg = tmp_path / "instr.yaml"  # configs/instruct.yaml with this copy's path and hash
+    shipped = yaml.safe_load((Path(__file__).parent.parent / "configs" / "instruct.yaml").read_text())
+    shipped["data"].update(source=str(data), sha256=file_sha256(data))
+    cfg.write_text(yaml.safe_dump(shipped))
+    res = run_cli("swarm.join", "--host", "127.0.0.1", "--config", str(cfg), "--max-rounds", "2",
+                  "--output", str(tmp_path / "out"), "--threads", "1", timeout=240)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = metrics(tmp_path / "out" / "metrics.jsonl")
+    assert [r["round"] for r in rows] == [1, 2]
+    assert all(0 < r["tokens"] < 256 for r in rows)  # masked: fewer loss tokens than window tokens
+    cfg.write_text(cfg.read_text().replace(file_sha256(data), "f" * 64))
+    res = run_cli("swarm.join", "--host", "127.0.0.1", "--config", str(cfg), "--max-rounds", "1",
+                  "--output", str(tmp_path / "out2"), "--threads", "1", timeout=240)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "instr.jsonl: sha256" in res.stderr and "is not the run's dataset" in res.stderr
+    assert not (tmp_path / "out2" / "metrics.jsonl").exists()
