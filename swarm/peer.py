@@ -222,13 +222,22 @@ class Peer(StateSync):
         from swarm.data import corpus_tokens
         from swarm.memory import ModelShape, max_micro_batch
 
+        from swarm.precision import DTYPE, choose
+
         run = self.run
-        self.precision = self.precision.for_run(run.train.precisions)  # the run's allowed list is known now
-        prec = self.precision
         shape = ModelShape.from_config(self.model_config_json)
+
+        def fits(p: str, ckpt: bool) -> bool:
+            return max_micro_batch(self.hw.memory_usable_bytes, shape, limit=1, method="qlora" if p == "nf4" else "lora",
+                                   lora_r=run.lora.r, lora_targets=run.lora.target_modules, seq_len=run.train.seq_len,
+                                   grad_checkpointing=ckpt, dtype=DTYPE[p], backend=self.hw.backend) >= 1
+
+        # this peer's own choice, from the run's allowed list and its own memory (the plan then uses its advert)
+        self.precision = prec = choose(self.precision, run.train.precisions, fits)
         self.max_micro_batch = max_micro_batch(self.hw.memory_usable_bytes, shape, limit=run.train.micro_batch, method=prec.method,
                                                lora_r=run.lora.r, lora_targets=run.lora.target_modules,
-                                               seq_len=run.train.seq_len, dtype=prec.dtype, backend=self.hw.backend)
+                                               seq_len=run.train.seq_len, dtype=prec.dtype, backend=self.hw.backend,
+                                               grad_checkpointing=prec.gradient_checkpointing)
         if self.max_micro_batch < 1:
             from swarm.memory import estimate
             from swarm.planner import fit_reason
@@ -314,7 +323,8 @@ class Peer(StateSync):
             throughput_tokens_per_s=float(self.tokens_per_s), max_utilization=self.args.max_utilization,
             max_micro_batch=self.max_micro_batch, start_round=self.start_round, paused=self.paused,
             loading=self.loading, training_round=self.training_round, plan_id=self.plan_id,
-            timestamp=self.transport.now())
+            precision=self.precision.precision, precisions=list(self.precision.runnable()),
+            checkpointing=self.precision.gradient_checkpointing, timestamp=self.transport.now())
 
     def _advertise(self) -> None:
         self.members.advertise(self._advert())

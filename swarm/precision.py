@@ -104,9 +104,31 @@ class PrecisionSettings:
         """The memory model's method (swarm.memory.estimate): a 4-bit base is QLoRA."""
         return "qlora" if self.precision == "nf4" else "lora"
 
+    def runnable(self) -> tuple[str, ...]:
+        """The precisions this peer's platform can run (advertised)."""
+        return tuple(p for p in PRECISIONS if support(p, self.platform, self.framework).ok)
+
     def for_run(self, allowed: tuple[str, ...]) -> "PrecisionSettings":
         """The same request resolved within a run's `train.precisions` (known once the run is)."""
         return settings(self.requested, self.platform, self.framework, tuple(allowed), self.gradient_checkpointing)
+
+
+def choose(settings_: PrecisionSettings, allowed: tuple[str, ...], fits) -> PrecisionSettings:
+    """With --precision auto: the most precise allowed option this peer runs whose micro-batch 1 fits its memory,
+    first without, then with gradient checkpointing (`fits(precision, checkpointing) -> bool`, the memory model).
+    A forced precision is kept as is. Pure: the same request, list and memory give the same choice on every peer.
+    If nothing fits, the most precise runnable option is returned (the peer then reports that it does not fit)."""
+    first = settings_.for_run(allowed)
+    if settings_.requested != "auto":
+        return first
+    runnable = [p for p in PRECISIONS if p in allowed and support(p, settings_.platform, settings_.framework).ok]
+    for ckpt in (False, True):
+        for p in runnable:
+            if fits(p, ckpt):
+                why = f"auto: the most precise allowed option that fits ({support(p, settings_.platform, settings_.framework).reason})"
+                return PrecisionSettings(p, why + (", with gradient checkpointing" if ckpt else ""), ckpt, "auto",
+                                         settings_.platform, settings_.framework)
+    return first
 
 
 def settings(requested: str, platform: str, framework: str = "torch", allowed: tuple[str, ...] = PRECISIONS,

@@ -59,6 +59,16 @@ class CapabilityAdvert(_Wire):
     training_round: int = Field(0, ge=0, le=1 << 53, description="round this peer is training now (0: none yet)")
     plan_id: str = Field("", max_length=64, description="plan of the round it is training (planner.RoundPlan.plan_id)")
     timestamp: float = Field(ge=0.0, le=MAX_TIME, description="sender's DHT time when the advert was written")
+    precision: str = Field("fp32", pattern=r"^[a-z0-9]{1,8}$", description="base precision it trains in (swarm.precision)")
+    precisions: list[str] = Field(["fp32"], max_length=8, description="base precisions its platform can run")
+    checkpointing: bool = Field(False, description="whether it trains with gradient checkpointing")
+
+    @field_validator("precisions")
+    @classmethod
+    def _names(cls, v: list[str]) -> list[str]:  # names a newer peer adds are kept, not refused
+        if any(not (isinstance(p, str) and 0 < len(p) <= 8 and p.isalnum()) for p in v):
+            raise ValueError("precision names must be short alphanumeric strings")
+        return v
 
     @field_validator("peer_id", "run", "device")
     @classmethod

@@ -101,3 +101,30 @@ def test_run_config_lists_allowed_precisions_outside_the_fingerprint(tmp_path):
     assert req.for_run(("bf16", "nf4")).precision == "bf16"
     with pytest.raises(SwarmError, match="allows only"):
         settings("bf16", "cpu").for_run(("fp32",))
+
+
+def test_auto_picks_the_most_precise_option_that_fits_then_checkpointing():
+    from swarm.precision import choose
+
+    req = settings("auto", "cpu")
+    fits_bf16 = lambda p, ckpt: p != "fp32"  # noqa: E731
+    assert choose(req, ("fp32", "bf16", "nf4"), fits_bf16).precision == "bf16"
+    only_ckpt_nf4 = lambda p, ckpt: ckpt and p == "nf4"  # noqa: E731
+    c = choose(req, ("fp32", "bf16", "nf4"), only_ckpt_nf4)
+    assert HAS_BNB <= (c.precision == "nf4" and c.gradient_checkpointing)
+    forced = settings("fp32", "cpu")
+    assert choose(forced, ("fp32", "bf16"), fits_bf16).precision == "fp32"  # forced is kept
+
+
+def test_advert_carries_precision_and_tolerates_new_names():
+    from swarm.records import RecordError, parse_advert
+
+    base = dict(version=1, peer_id="p", run="r", backend="cpu", device="d", tier="t", memory_total_bytes=10,
+                memory_usable_bytes=5, throughput_tokens_per_s=1.0, max_micro_batch=1, timestamp=1.0)
+    assert parse_advert(base).precision == "fp32"
+    a = parse_advert({**base, "precision": "nf4", "precisions": ["fp32", "nf4", "fp8"], "checkpointing": True})
+    assert a.precision == "nf4" and a.precisions == ["fp32", "nf4", "fp8"] and a.checkpointing
+    with pytest.raises(RecordError):
+        parse_advert({**base, "precisions": ["x" * 50]})
+    with pytest.raises(RecordError):
+        parse_advert({**base, "checkpointing": "yes"})
