@@ -45,6 +45,8 @@ def parse_args(argv):
     p.add_argument("--memory-limit", default=None, metavar="GB[,GB...]", help="per-peer memory caps (one value, or one per peer)")
     p.add_argument("--max-utilization", default=None, metavar="F[,F...]", help="per-peer compute fractions (one value, or one per peer)")
     p.add_argument("--threads", type=int, default=None, help="torch threads per peer (default: cores / peers, at least 1)")
+    p.add_argument("--data", default=None, metavar="PATH[,PATH...]",
+                   help="each peer's local copy of the run's dataset (one path, or one per peer): swarm.join --data")
     p.add_argument("--backend", default=None, metavar="B[,B...]", help="per-peer backend: torch or mlx (default: auto)")
     p.add_argument("--uniform", action="store_true", help="equal task sizes for every peer (baseline for benchmarks)")
     p.add_argument("--seed", type=int, default=0)
@@ -64,6 +66,10 @@ class Testbed:
         self.limits = _per_peer(args.memory_limit, args.peers, "--memory-limit")
         self.utils = _per_peer(args.max_utilization, args.peers, "--max-utilization")
         self.backends = _per_peer(args.backend, args.peers, "--backend", cast=str)
+        self.data = _per_peer(args.data, args.peers, "--data", cast=lambda v: str(Path(v).expanduser().resolve()))
+        for d in self.data:
+            if d is not None and not os.path.exists(d):
+                raise SwarmError(f"--data: {d} does not exist: pass each peer's local copy of the run's dataset")
         for u in self.utils:
             if u is not None and not 0 < u <= 1:
                 raise SwarmError(f"--max-utilization: {u} is not in (0, 1]")
@@ -86,6 +92,8 @@ class Testbed:
             cmd += ["--max-utilization", str(self.utils[k])]
         if self.backends[k] is not None:
             cmd += ["--backend", self.backends[k]]
+        if self.data[k] is not None:
+            cmd += ["--data", self.data[k]]
         if a.uniform:
             cmd += ["--uniform"]
         return cmd
