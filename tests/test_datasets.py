@@ -229,3 +229,29 @@ def test_a_rounds_peers_train_disjoint_shards_in_the_plans_order():
     assert len(rows(a)) == 4 and len(rows(b)) == 6 and not rows(a) & rows(b)
     assert rows(shard_batches(data, plan, "a", seed=0, round_=3)) == rows(a)
     assert rows(shard_batches(data, plan, "a", seed=0, round_=4)) != rows(a)
+
+
+def test_a_joiner_adopts_a_hashed_dataset_run_only_with_its_own_data(peers, tmp_path):
+    """Real peers: `a` starts configs/instruct.yaml with --data (its hash becomes the run's data.sha256);
+    `j` joins with no --config and its own copy at another path and trains; `n` names the run without
+    --data and gets one line saying which dataset to pass, exit 2."""
+    import shutil
+
+    from conftest import metrics
+
+    mine = _jsonl(tmp_path / "a.jsonl", [{"prompt": f"Q{i}: {i}+1?", "completion": f" {i + 1}."} for i in range(30)])
+    copy = tmp_path / "j-copy" / "data.jsonl"
+    copy.parent.mkdir()
+    shutil.copy(mine, copy)
+    config = str(Path(__file__).parent.parent / "configs" / "instruct.yaml")
+    peers.start("a", "--config", config, "--data", str(mine), "--max-rounds", "2", "--min-peers", "2")
+    addrs = peers.addrs("a")
+    peers.start("n", "--run", "instruct", "--max-rounds", "1", initial_peers=addrs)
+    peers.start("j", "--data", str(copy), "--max-rounds", "2", initial_peers=addrs)
+    assert peers.wait("n", 200) == 2
+    assert f"run 'instruct' trains on dataset {file_sha256(mine)[:12]} (jsonl): pass --data PATH" in peers.log("n")
+    assert "Traceback" not in peers.log("n")
+    assert peers.wait("j", 300) == 0, peers.log("j")[-3000:]
+    assert peers.wait("a", 60) == 0, peers.log("a")[-3000:]
+    rows = {k: {r["round"]: r["adapter_sha256"] for r in metrics(tmp_path / k / "metrics.jsonl")} for k in "aj"}
+    assert 2 in rows["j"] and rows["j"][2] == rows["a"][2]
