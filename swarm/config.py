@@ -112,10 +112,12 @@ class RunConfig(_Strict):
     averaging: AveragingConfig = Field(default_factory=AveragingConfig)
 
     def fingerprint(self) -> str:
-        """Hash of what must match across peers (model choice, adapter shape, optimizer)."""
+        """Hash of what must match across peers (model choice, adapter shape, optimizer; the dataset when named by hash)."""
         # the base precision is per peer (swarm.precision): the allowed list is not part of what must match
         agreed = self.model_dump(mode="json", exclude={"averaging": True, "data": True, "train": {"precisions"}})
         agreed["model"].pop("path", None)
+        if self.data.sha256 is not None:  # a named dataset: peers must train the same bytes, read the same way
+            agreed["data"] = {"sha256": self.data.sha256, "format": self.data.format, "packing": self.data.packing}
         return hashlib.sha256(json.dumps(agreed, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -90,6 +90,33 @@ def network_paths(config: dict) -> list[str]:
     return out
 
 
+def local_data(run, data: Path | None, from_network: bool):
+    """The run as this peer trains it: its data read from `data` (the peer's --data), the only data
+    path a peer opens besides its own --config's. Pure: it opens nothing (the hash is checked by
+    load_windows before any tokenizing, and `data_sha256` below is only called for a run of one's own).
+
+    From the network (a record): the builtin corpus, or a dataset named by sha256 that --data must
+    supply; a record's data.source is never opened. From one's own config: --data replaces the
+    source and, if the config names no hash, its hash is the file's (so joiners can verify theirs)."""
+    d = run.data
+    named = d.source not in BUILTIN_SOURCES or d.sha256 is not None
+    if from_network:
+        if not named:
+            if data is not None:
+                raise SwarmError(f"run {run.name!r} trains on the builtin corpus {d.source!r}: drop --data")
+            return run
+        if d.sha256 is None:
+            raise SwarmError(f"run {run.name!r} names its data by a path, not by content hash; this peer never opens "
+                             f"a path taken from the network: pass --config with your own copy of the run")
+        if data is None:
+            raise SwarmError(f"run {run.name!r} trains on dataset {d.sha256[:12]} ({d.format}): pass --data PATH")
+        return run.model_copy(update={"data": d.model_copy(update={"source": str(data)})})
+    if data is None:
+        return run
+    sha = d.sha256 or file_sha256(data)
+    return run.model_copy(update={"data": d.model_copy(update={"source": str(data), "sha256": sha})})
+
+
 def detect_format(path: Path) -> Format:
     p = Path(path)
     if p.is_dir() or p.suffix == ".parquet":
@@ -293,6 +320,18 @@ def load_windows(source: str, fmt: str, packing: str, sha256: str | None, tokeni
     hf_logging.set_verbosity_error()
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     return windows(read_examples(p, None if fmt == "auto" else fmt), tok, seq_len, packing)  # type: ignore[arg-type]
+
+
+def shard_batches(data: Tokenized, plan, peer_id: str, seed: int, round_: int) -> list:
+    """This peer's masked micro-batches for a round: its `round_shard` of a shared dataset, cut by the
+    plan's order (tasks sorted by peer id) and quotas, so the round's peers train different windows."""
+    from swarm.backends.base import Batch
+
+    order = plan.peer_ids
+    task = plan.tasks[order.index(peer_id)]
+    idx = round_shard(len(data.ids), seed, round_, order.index(peer_id), [t.sequences for t in plan.tasks])
+    return [Batch(data.ids[idx[i:i + task.micro_batch]], data.loss_mask[idx[i:i + task.micro_batch]])
+            for i in range(0, len(idx), task.micro_batch)]
 
 
 def sample_windows(data: Tokenized, sequences: int, micro_batch: int, seed: int, round_: int, key: int) -> list:

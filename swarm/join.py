@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 import threading
+from pathlib import Path
 
 from swarm import SwarmError
 from swarm.cli import Parser
@@ -27,6 +28,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--host", default="0.0.0.0", help="address to listen on (127.0.0.1 keeps everything on loopback)")
     p.add_argument("--port", type=int, default=0, help="TCP port to listen on (default: any free port)")
     p.add_argument("--config", default=None, help="run config YAML (default: the embedded default run)")
+    p.add_argument("--data", default=None, metavar="PATH",
+                   help="this peer's local copy of the run's dataset (checked against the run's data.sha256); "
+                        "the only data path a peer ever opens besides its own --config")
     p.add_argument("--run", default=None, help="name of the run to join (default: the config's run, or the best fit when joining)")
     p.add_argument("--max-rounds", type=int, default=None, help="leave cleanly once the swarm's global round N is complete")
     p.add_argument("--output", default=None, help=f"where this peer writes its adapter and metrics (default: ./{DEFAULT_OUTPUT}/<run>)")
@@ -54,6 +58,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--memory-limit must be a positive number of GB")
     if not 0 <= args.port <= 65535:
         p.error("--port must be in 0..65535")
+    if args.data is not None and not os.path.exists(args.data):
+        p.error(f"--data {args.data!r} does not exist: pass your local copy of the run's dataset")
     for addr in args.initial_peers or ():
         why = check_multiaddr(addr)
         if why:
@@ -120,7 +126,8 @@ def run_peer(args: argparse.Namespace, stop: StopFlag) -> int:
     from swarm.peer import Peer
 
     # detect: this machine, the run, the base model, the backend
-    peer = Peer.create(args)
+    data = Path(args.data).expanduser().resolve() if args.data else None  # the only data path this peer opens
+    peer = Peer.create(args, data=data)
     try:
         peer.precision = precision_settings(args, peer.hw.backend)   # the base's precision, checked before joining
         # advertise: join the DHT, agree on the run, get the current state, announce capability

@@ -54,11 +54,12 @@ def route_swarm_logs(log_file: Path) -> None:
 class Peer(StateSync):
     # ------------------------------------------------------------------------------ detect
     @classmethod
-    def create(cls, args: argparse.Namespace) -> "Peer":
+    def create(cls, args: argparse.Namespace, data: Path | None = None) -> "Peer":
         from swarm.hardware import detect
 
         self = cls()
         self.args = args
+        self.data = data  # the peer's --data: its local copy of the run's dataset (swarm.datasets.local_data)
         self.config = load_config(args.config) if args.config else None
         self.hw = detect(memory_limit_gb=args.memory_limit)
         if args.memory_limit is not None:  # memory is the constraint: make resident memory match the estimate
@@ -139,20 +140,22 @@ class Peer(StateSync):
 
     def _resolve_run(self) -> tuple[RunConfig, RunRecord | None]:
         """The run this peer trains: named, from --config, or the best fit among the swarm's runs."""
+        from swarm.datasets import local_data
+
         a = self.args
         runs = self._wait_for_runs() if a.initial_peers else {}
         if self.config is not None:
             run = self.config.model_copy(update={"name": a.run}) if a.run else self.config
-            return run, runs.get(run.name)
+            return local_data(run, self.data, from_network=False), runs.get(run.name)
         if a.run:
             if a.run in runs:
                 return self._run_from_record(runs[a.run]), runs[a.run]
             if a.initial_peers:
                 have = ", ".join(sorted(runs)) or "none"
                 raise SwarmError(f"the swarm has no run named {a.run!r} (runs: {have})")
-            return default_run().model_copy(update={"name": a.run}), None
+            return local_data(default_run().model_copy(update={"name": a.run}), self.data, from_network=False), None
         if not runs:
-            return default_run(), None
+            return local_data(default_run(), self.data, from_network=False), None
         runs = self._runs_without_network_paths(runs)
         options = [RunOption(name=r.name, params=r.params, bytes_needed=self._bytes_needed(r)) for r in runs.values()]
         choice = choose_run(options, self.hw.memory_usable_bytes)
@@ -172,28 +175,42 @@ class Peer(StateSync):
             time.sleep(0.5)
 
     def _runs_without_network_paths(self, runs: dict[str, RunRecord]) -> dict[str, RunRecord]:
-        """Runs a joiner may adopt: none whose record names a local path (swarm.datasets.network_paths)."""
-        from swarm.datasets import network_paths
-
-        safe = {k: r for k, r in runs.items() if not network_paths(r.config)}
+        """Runs a joiner may adopt: none whose record names a model path (swarm.datasets.network_paths), and
+        none whose data this peer cannot supply (a non-builtin dataset needs a content hash and --data)."""
+        safe = {k: r for k, r in runs.items() if not self._unadoptable(r)}
         for k in sorted(set(runs) - set(safe)):
-            self.log.say(f"ignoring run {k!r}: its record names local paths ({', '.join(network_paths(runs[k].config))}); "
-                         f"this peer never opens a path taken from the network")
+            self.log.say(f"ignoring run {k!r}: {self._unadoptable(runs[k])}")
         if not safe:
-            raise SwarmError("every run in the swarm names local paths in its record; this peer never opens a path "
-                             "taken from the network: pass --config with your own copy of the run")
+            raise SwarmError(f"no run in the swarm can be joined as is ({self._unadoptable(runs[min(runs)])}): "
+                             "pass --config with your own copy of the run, or --data")
         return safe
 
-    def _run_from_record(self, record: RunRecord) -> RunConfig:
-        from swarm.datasets import network_paths
+    def _unadoptable(self, record: RunRecord) -> str | None:
+        """Why this peer cannot adopt `record` without a --config of its own, or None."""
+        from swarm.datasets import BUILTIN_SOURCES, network_paths
 
-        if paths := network_paths(record.config if isinstance(record.config, dict) else {}):
+        cfg = record.config if isinstance(record.config, dict) else {}
+        data = cfg.get("data") if isinstance(cfg.get("data"), dict) else {}
+        paths = network_paths(cfg)
+        if any(p.startswith("model.") for p in paths) or (paths and not data.get("sha256")):
+            return (f"its record names local paths ({', '.join(paths)}); this peer never opens a path taken from "
+                    "the network")
+        if (paths or data.get("sha256")) and self.data is None:
+            return f"it trains on dataset {str(data.get('sha256'))[:12]} ({data.get('format', 'auto')}): pass --data PATH"
+        return None
+
+    def _run_from_record(self, record: RunRecord) -> RunConfig:
+        from swarm.datasets import local_data, network_paths
+
+        if paths := [p for p in network_paths(record.config if isinstance(record.config, dict) else {})
+                     if p.startswith("model.")]:
             raise SwarmError(f"run {record.name!r} in the swarm names local paths ({', '.join(paths)}); this peer never "
                              f"opens a path taken from the network: pass --config with your own copy of that run")
         try:
-            return RunConfig.model_validate(record.config)
+            run = RunConfig.model_validate(record.config)
         except Exception:
             raise SwarmError(f"run {record.name!r} in the swarm has a config this peer cannot read: pass --config") from None
+        return local_data(run, self.data, from_network=True)  # data only from --data, checked against the hash
 
     def _bytes_needed(self, record: RunRecord) -> int:
         from swarm.memory import ModelShape, estimate
@@ -519,9 +536,9 @@ class Peer(StateSync):
 
         task = plan.task_for(self.me)
         if self.windows is not None:
-            from swarm.datasets import sample_windows
+            from swarm.datasets import shard_batches  # the round's peers train disjoint windows
 
-            batches = sample_windows(self.windows, task.sequences, task.micro_batch, self.args.seed, rnd, peer_key(self.me))
+            batches = shard_batches(self.windows, plan, self.me, self.args.seed, rnd)
         else:
             batches = sample_batches(self.tokens, self.run.train.seq_len, task.sequences, task.micro_batch,
                                      self.args.seed, rnd, peer_key(self.me))

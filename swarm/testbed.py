@@ -45,6 +45,8 @@ def parse_args(argv):
     p.add_argument("--memory-limit", default=None, metavar="GB[,GB...]", help="per-peer memory caps (one value, or one per peer)")
     p.add_argument("--max-utilization", default=None, metavar="F[,F...]", help="per-peer compute fractions (one value, or one per peer)")
     p.add_argument("--threads", type=int, default=None, help="torch threads per peer (default: cores / peers, at least 1)")
+    p.add_argument("--data", default=None, metavar="PATH[,PATH...]",
+                   help="each peer's local copy of the run's dataset (one path, or one per peer): swarm.join --data")
     p.add_argument("--backend", default=None, metavar="B[,B...]", help="per-peer backend: torch or mlx (default: auto)")
     p.add_argument("--precision", default=None, metavar="P[,P...]",
                    help="per-peer base precision: auto, fp32, bf16, fp16 or nf4 (one value, or one per peer)")
@@ -70,6 +72,10 @@ class Testbed:
         for prec in self.precisions:
             if prec is not None and prec not in ("auto", "fp32", "bf16", "fp16", "nf4"):
                 raise SwarmError(f"--precision: {prec!r} is not one of auto, fp32, bf16, fp16, nf4")
+        self.data = _per_peer(args.data, args.peers, "--data", cast=lambda v: str(Path(v).expanduser().resolve()))
+        for d in self.data:
+            if d is not None and not os.path.exists(d):
+                raise SwarmError(f"--data: {d} does not exist: pass each peer's local copy of the run's dataset")
         for u in self.utils:
             if u is not None and not 0 < u <= 1:
                 raise SwarmError(f"--max-utilization: {u} is not in (0, 1]")
@@ -103,6 +109,8 @@ class Testbed:
             cmd += ["--backend", self.backends[k]]
         if self.precisions[k] is not None:
             cmd += ["--precision", self.precisions[k]]
+        if self.data[k] is not None:
+            cmd += ["--data", self.data[k]]
         if a.uniform:
             cmd += ["--uniform"]
         return cmd

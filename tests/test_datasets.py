@@ -154,9 +154,104 @@ def test_a_peer_trains_on_an_instruction_dataset_with_masked_tokens(tmp_path):
     rows = metrics(tmp_path / "out" / "metrics.jsonl")
     assert [r["round"] for r in rows] == [1, 2]
     assert all(0 < r["tokens"] < 256 for r in rows)  # masked: fewer loss tokens than window tokens
-    cfg.write_text(cfg.read_text().replace(file_sha256(data), "f" * 64))
-    res = run_cli("swarm.join", "--host", "127.0.0.1", "--config", str(cfg), "--max-rounds", "1",
+    other = _jsonl(tmp_path / "mine.jsonl", [{"text": "not the run's data"}])  # --data: a copy that differs
+    res = run_cli("swarm.join", "--host", "127.0.0.1", "--config", str(cfg), "--max-rounds", "1", "--data", str(other),
                   "--output", str(tmp_path / "out2"), "--threads", "1", timeout=240)
     assert res.returncode == 2 and "Traceback" not in res.stderr
-    assert "instr.jsonl: sha256" in res.stderr and "is not the run's dataset" in res.stderr
+    assert "mine.jsonl: sha256" in res.stderr and "pass --data with the run's exact file" in res.stderr
     assert not (tmp_path / "out2" / "metrics.jsonl").exists()
+
+
+def test_local_data_opens_only_the_peers_own_data_path(tmp_path):
+    """--data is the only data a peer opens: a record's data.source is replaced, never read."""
+    from swarm.datasets import local_data
+
+    mine = tmp_path / "mine.jsonl"
+    mine.write_text('{"text": "hi"}\n')
+    sha = file_sha256(mine)
+    base = default_run()
+    named = base.model_copy(update={"name": "r", "data": base.data.model_copy(
+        update={"source": "/home/stranger/secret.jsonl", "sha256": sha, "format": "jsonl"})})
+    with pytest.raises(SwarmError, match=rf"^run 'r' trains on dataset {sha[:12]} \(jsonl\): pass --data PATH$"):
+        local_data(named, None, from_network=True)
+    adopted = local_data(named, mine, from_network=True)
+    assert adopted.data.source == str(mine) and adopted.data.sha256 == sha
+    unnamed = named.model_copy(update={"data": named.data.model_copy(update={"sha256": None})})
+    with pytest.raises(SwarmError, match="not by content hash"):
+        local_data(unnamed, mine, from_network=True)
+    assert local_data(base, None, from_network=True) == base  # builtin corpus: nothing to pass
+    with pytest.raises(SwarmError, match="drop --data"):
+        local_data(base, mine, from_network=True)
+    own = local_data(base, mine, from_network=False)  # a run of one's own: --data's hash names the dataset
+    assert own.data.source == str(mine) and own.data.sha256 == sha
+
+
+def test_fingerprint_covers_a_named_dataset_only():
+    base = default_run()
+    assert base.fingerprint() == base.model_copy(update={"data": base.data.model_copy(
+        update={"source": "/x.txt", "packing": "pad"})}).fingerprint()  # default fingerprints unchanged
+    named = lambda **kw: base.model_copy(update={"data": base.data.model_copy(update={"sha256": "a" * 64, **kw})})  # noqa: E731
+    assert named().fingerprint() != base.fingerprint()
+    assert named().fingerprint() == named(source="/elsewhere.jsonl").fingerprint()  # the path is each peer's own
+    assert len({named().fingerprint(), named(sha256="b" * 64).fingerprint(), named(format="jsonl").fingerprint(),
+                named(packing="pad").fingerprint()}) == 4
+
+
+def test_join_and_testbed_pass_data_paths(tmp_path, capsys):
+    from swarm.join import parse_args
+    from swarm.testbed import Testbed, parse_args as testbed_args
+
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text("{}"), b.write_text("{}")
+    assert parse_args(["--data", str(a)]).data == str(a)
+    with pytest.raises(SystemExit) as e:
+        parse_args(["--data", str(tmp_path / "missing.jsonl")])
+    assert e.value.code == 2 and "--data" in capsys.readouterr().err
+    tb = Testbed(testbed_args(["--peers", "2", "--data", f"{a},{b}", "--output", str(tmp_path / "tb")]))
+    assert [c[c.index("--data") + 1] for c in (tb.command(0, None), tb.command(1, None))] == [str(a), str(b)]
+    tb = Testbed(testbed_args(["--peers", "2", "--data", str(a), "--output", str(tmp_path / "tb")]))
+    assert tb.command(1, None)[tb.command(1, None).index("--data") + 1] == str(a)
+    with pytest.raises(SwarmError, match="3 values for 2 peers"):
+        Testbed(testbed_args(["--peers", "2", "--data", f"{a},{b},{a}", "--output", str(tmp_path / "tb")]))
+
+
+def test_a_rounds_peers_train_disjoint_shards_in_the_plans_order():
+    from types import SimpleNamespace as NS
+
+    from swarm.datasets import Tokenized, shard_batches
+
+    data = Tokenized(np.arange(30 * 5).reshape(30, 5).astype(np.int64), np.ones((30, 4), np.uint8))
+    tasks = (NS(peer_id="a", sequences=4, micro_batch=3), NS(peer_id="b", sequences=6, micro_batch=4))
+    plan = NS(tasks=tasks, peer_ids=("a", "b"))
+    a, b = (shard_batches(data, plan, p, seed=0, round_=3) for p in ("a", "b"))
+    assert [len(x.ids) for x in a] == [3, 1] and [len(x.ids) for x in b] == [4, 2]
+    rows = lambda bs: {int(r[0]) for x in bs for r in x.ids}  # noqa: E731
+    assert len(rows(a)) == 4 and len(rows(b)) == 6 and not rows(a) & rows(b)
+    assert rows(shard_batches(data, plan, "a", seed=0, round_=3)) == rows(a)
+    assert rows(shard_batches(data, plan, "a", seed=0, round_=4)) != rows(a)
+
+
+def test_a_joiner_adopts_a_hashed_dataset_run_only_with_its_own_data(peers, tmp_path):
+    """Real peers: `a` starts configs/instruct.yaml with --data (its hash becomes the run's data.sha256);
+    `j` joins with no --config and its own copy at another path and trains; `n` names the run without
+    --data and gets one line saying which dataset to pass, exit 2."""
+    import shutil
+
+    from conftest import metrics
+
+    mine = _jsonl(tmp_path / "a.jsonl", [{"prompt": f"Q{i}: {i}+1?", "completion": f" {i + 1}."} for i in range(30)])
+    copy = tmp_path / "j-copy" / "data.jsonl"
+    copy.parent.mkdir()
+    shutil.copy(mine, copy)
+    config = str(Path(__file__).parent.parent / "configs" / "instruct.yaml")
+    peers.start("a", "--config", config, "--data", str(mine), "--max-rounds", "2", "--min-peers", "2")
+    addrs = peers.addrs("a")
+    peers.start("n", "--run", "instruct", "--max-rounds", "1", initial_peers=addrs)
+    peers.start("j", "--data", str(copy), "--max-rounds", "2", initial_peers=addrs)
+    assert peers.wait("n", 200) == 2
+    assert f"run 'instruct' trains on dataset {file_sha256(mine)[:12]} (jsonl): pass --data PATH" in peers.log("n")
+    assert "Traceback" not in peers.log("n")
+    assert peers.wait("j", 300) == 0, peers.log("j")[-3000:]
+    assert peers.wait("a", 60) == 0, peers.log("a")[-3000:]
+    rows = {k: {r["round"]: r["adapter_sha256"] for r in metrics(tmp_path / k / "metrics.jsonl")} for k in "aj"}
+    assert 2 in rows["j"] and rows["j"][2] == rows["a"][2]
