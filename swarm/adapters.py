@@ -135,7 +135,23 @@ def adapter_sha256(tensors: dict[str, np.ndarray]) -> str:
     return tensors_sha256({k: np.asarray(v, dtype=np.float32) for k, v in tensors.items()})
 
 
-def peft_config(run: RunConfig, base_model_dir: Path) -> dict:
+def peft_targets(run: RunConfig) -> list[str] | str:
+    """peft's target_modules for the run: its list, or 'all-linear' (every attention and MLP linear) when unset."""
+    return "all-linear" if run.lora.target_modules is None else sorted(run.lora.target_modules)
+
+
+def fan_in_fan_out(base_model_dir: Path) -> bool:
+    """True for GPT-2-style models whose linears are transformers' Conv1D (weight stored (in, out)).
+
+    Only the base weight is transposed; lora_A (r, in) and lora_B (out, r) keep the canonical layout."""
+    try:
+        cfg = json.loads((Path(base_model_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(cfg, dict) and cfg.get("model_type") in ("gpt2",)
+
+
+def peft_config(run: RunConfig, base_model_dir: Path, tensors: dict[str, np.ndarray] | None = None) -> dict:
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -143,9 +159,10 @@ def peft_config(run: RunConfig, base_model_dir: Path) -> dict:
         "r": run.lora.r,
         "lora_alpha": run.lora.alpha,
         "lora_dropout": 0.0,
-        "target_modules": sorted(run.lora.target_modules),
+        # the layers the adapter really has (an explicit list loads in any peft/tool), else the run's rule
+        "target_modules": sorted({module_of(k).rsplit(".", 1)[-1] for k in tensors}) if tensors else peft_targets(run),
         "bias": "none",
-        "fan_in_fan_out": False,
+        "fan_in_fan_out": fan_in_fan_out(base_model_dir),
         "inference_mode": True,
         "use_rslora": False,
         "init_lora_weights": True,
@@ -212,7 +229,7 @@ def save_peft_adapter(directory: Path, tensors: dict[str, np.ndarray], run: RunC
                    metadata={"format": "pt"})
     write_dir_atomically(Path(directory), {
         ADAPTER_FILE: payload,
-        ADAPTER_CONFIG: json.dumps(peft_config(run, base_model_dir), indent=2).encode(),
+        ADAPTER_CONFIG: json.dumps(peft_config(run, base_model_dir, tensors), indent=2).encode(),
     })
 
 

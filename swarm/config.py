@@ -46,10 +46,11 @@ class LoraConfig(_Strict):
 
     r: int = Field(8, ge=1, le=1024, description="LoRA rank")
     alpha: float = Field(16.0, gt=0, description="LoRA alpha; the update is scaled by alpha / r")
-    target_modules: tuple[str, ...] = Field(
-        ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    target_modules: tuple[str, ...] | None = Field(
+        None,
         min_length=1,
-        description="names of the linear layers that get an adapter",
+        description="names of the linear layers that get an adapter; null/omitted = every linear layer of attention and MLP "
+        "(peft's 'all-linear': any family, e.g. GPT-2's c_attn/c_proj/c_fc, Phi-3's qkv_proj/gate_up_proj)",
     )
 
 

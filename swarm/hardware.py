@@ -374,6 +374,25 @@ def fits_table(hw: HardwareProfile, seq_len: int, lora_r: int, targets, sizes=No
     return rows
 
 
+def precision_table(hw: HardwareProfile, seq_len: int, lora_r: int, targets, sizes=None) -> list[dict]:
+    """One row per base precision (swarm.precision): whether this platform runs it and why, and per model
+    size the largest micro-batch that fits (0: does not fit) with the base in that precision."""
+    from swarm.memory import NAMED_SHAPES, TABLE_SIZES, max_micro_batch
+    from swarm.precision import DTYPE, supported
+
+    framework = "mlx" if hw.backend == "mlx" else "torch"
+    rows = []
+    for sup in supported(hw.backend, framework):
+        row = {"precision": sup.precision, "runs": sup.ok, "reason": sup.reason, "max_micro_batch": {}}
+        if sup.ok:
+            for size in sizes or TABLE_SIZES:
+                row["max_micro_batch"][size] = max_micro_batch(
+                    hw.memory_usable_bytes, NAMED_SHAPES[size], method="qlora" if sup.precision == "nf4" else "lora",
+                    lora_r=lora_r, lora_targets=targets, seq_len=seq_len, dtype=DTYPE[sup.precision], backend=hw.backend)
+        rows.append(row)
+    return rows
+
+
 def breakdown(hw: HardwareProfile, shape, seq_len: int, micro_batch: int, lora_r: int, targets) -> dict:
     """The estimate for one model, per method, with what fits on this machine."""
     from swarm.memory import METHODS, default_dtype, estimate, max_micro_batch, normalize_targets
@@ -470,8 +489,24 @@ def _human(report: dict, console) -> None:
                 cells.append(f"[green]mb {r['max_micro_batch']}[/]" if r["fits"] else f"[red]no[/] (needs {_gb(r['estimate_bytes'])})")
             t.add_row(name, *cells)
         console.print(t)
-        if hw["backend"] in ("cpu", "mps"):
+        if hw["backend"] in ("cpu", "mps") and not any(r["precision"] == "nf4" and r["runs"] for r in report.get("precisions", [])):
             console.print("QLoRA needs 4-bit training kernels (bitsandbytes on CUDA/ROCm, or MLX): not on this backend.")
+    rows = report.get("precisions") or []
+    runs = [r for r in rows if r["runs"]]
+    if runs:
+        t = Table(title="LoRA per base precision this platform runs (--precision): largest micro-batch")
+        t.add_column("precision")
+        sizes = list(runs[0]["max_micro_batch"])
+        for size in sizes:
+            t.add_column(size, justify="right")
+        t.add_column("why")
+        for r in runs:
+            t.add_row(r["precision"], *(f"[green]mb {r['max_micro_batch'][n]}[/]" if r["max_micro_batch"][n] else "[red]no[/]"
+                                        for n in sizes), r["reason"])
+        console.print(t)
+    for r in rows:
+        if not r["runs"]:
+            console.print(f"{r['precision']}: not here: {r['reason']}")
 
 
 def run_cli(argv: list[str] | None = None) -> dict:
@@ -501,6 +536,7 @@ def run_cli(argv: list[str] | None = None) -> dict:
 
         report.update({"dtype": default_dtype(hw.backend), "seq_len": args.seq_len, "lora_r": lora.r,
                        "fits": fits_table(hw, args.seq_len, lora.r, lora.target_modules)})
+    report["precisions"] = precision_table(hw, args.seq_len, lora.r, lora.target_modules)
     report["_json"] = args.json
     return report
 

@@ -146,14 +146,21 @@ class ModelShape:
 
     @classmethod
     def from_config(cls, cfg: dict, name: str | None = None) -> "ModelShape":
-        """From a Hugging Face config.json dict (Llama, Mistral, Qwen2 and alike)."""
+        """From a Hugging Face config.json dict (Llama, Mistral, Qwen2, Gemma, Phi-3 and alike; GPT-2's n_* keys)."""
         if not isinstance(cfg, dict):
             raise SwarmError("model config must be a JSON object")
         if isinstance(cfg.get("text_config"), dict):  # multimodal wrappers keep the decoder here
             cfg = {**cfg, **cfg["text_config"]}
+        if "n_embd" in cfg and "hidden_size" not in cfg:  # GPT-2's keys; its MLP is n_inner (default 4 * n_embd)
+            n_embd = cfg["n_embd"]
+            cfg = {**cfg, "hidden_size": n_embd, "num_attention_heads": cfg.get("n_head"),
+                   "num_hidden_layers": cfg.get("n_layer"),
+                   "intermediate_size": cfg.get("n_inner") or (4 * n_embd if isinstance(n_embd, int) else None),
+                   "tie_word_embeddings": cfg.get("tie_word_embeddings", True)}
+            cfg = {k: v for k, v in cfg.items() if v is not None}
         missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads") if k not in cfg]
         if missing:
-            raise SwarmError(f"model config lacks {', '.join(missing)} (only Llama/Qwen2-style decoders are understood)")
+            raise SwarmError(f"model config lacks {', '.join(missing)} (Llama/Qwen2/Mistral/Gemma/Phi-3/GPT-2-style decoders are understood)")
         heads = cfg["num_attention_heads"]
         kv = cfg.get("num_key_value_heads") or heads
         hidden = cfg["hidden_size"]
@@ -293,14 +300,27 @@ class Estimate:
         return asdict(self)
 
 
-def normalize_targets(targets: Iterable[str]) -> tuple[str, ...]:
-    """LoRA target names -> the known block linears they select ('all-linear' = all seven)."""
+#: Other families' fused or renamed linears -> the Llama-style linears they stand for (GPT-2's c_proj is
+#: both the attention output and the MLP down projection; Phi-3 fuses q/k/v and gate/up).
+TARGET_ALIASES = {
+    "c_attn": ("q_proj", "k_proj", "v_proj"), "c_proj": ("o_proj", "down_proj"), "c_fc": ("up_proj",),
+    "qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj"),
+}
+
+
+def normalize_targets(targets: Iterable[str] | None) -> tuple[str, ...]:
+    """LoRA target names -> the known block linears they select ('all-linear' or None = all seven)."""
+    if targets is None:
+        return ALL_TARGETS
     out: list[str] = []
     for t in targets:
         if t == "all-linear":
             out.extend(ALL_TARGETS)
             continue
         base = str(t).rsplit(".", 1)[-1]
+        if base in TARGET_ALIASES:
+            out.extend(TARGET_ALIASES[base])
+            continue
         if base not in ALL_TARGETS:
             raise SwarmError(f"unknown LoRA target {t!r} (the memory model knows {', '.join(ALL_TARGETS)})")
         out.append(base)

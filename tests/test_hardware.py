@@ -395,3 +395,18 @@ def test_probe_of_the_default_model_is_measured_once():
     assert value and value > 0 and note.startswith("measured now"), note
     again, note = probe_default_throughput("cpu", micro_batch=2, seq_len=16, steps=1)
     assert again == value and note.startswith("cached")
+
+
+def test_cli_precision_rows(fixed_machine, capsys, monkeypatch):
+    """A row per precision: the ones this platform runs, with micro-batches; the others with the fix."""
+    monkeypatch.setattr(hwmod, "detect", lambda memory_limit_gb=None: with_memory_limit(profile("cpu", usable=24 * GiB), memory_limit_gb))
+    rows = {r["precision"]: r for r in run_json(capsys)["precisions"]}
+    assert set(rows) == {"fp32", "bf16", "fp16", "nf4"}
+    assert rows["fp32"]["runs"] and rows["bf16"]["runs"] and not rows["fp16"]["runs"]
+    assert "GPU" in rows["fp16"]["reason"] and rows["fp16"]["max_micro_batch"] == {}
+    fp32, bf16 = rows["fp32"]["max_micro_batch"], rows["bf16"]["max_micro_batch"]
+    assert list(fp32) == ["0.5B", "1B", "3B", "7B", "13B", "30B"]
+    assert all(bf16[n] >= fp32[n] for n in fp32) and bf16["7B"] > fp32["7B"] == 0  # half the base: 7B fits in bf16 only
+    assert main(["--no-probe"]) == 0
+    text = capsys.readouterr().out
+    assert "per base precision" in text and "fp16: not here: fp16 needs a GPU" in text

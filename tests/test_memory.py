@@ -267,8 +267,10 @@ def test_parse_params_rejects(text):
 def test_targets_and_arguments_are_validated():
     assert normalize_targets(["all-linear"]) == ALL_TARGETS
     assert normalize_targets(["model.layers.0.self_attn.v_proj", "q_proj"]) == ("q_proj", "v_proj")
+    assert normalize_targets(None) == ALL_TARGETS  # lora.target_modules unset: peft's all-linear
+    assert normalize_targets(["c_attn", "c_fc"]) == ("q_proj", "k_proj", "v_proj", "up_proj")  # GPT-2's linears
     with pytest.raises(SwarmError, match="unknown LoRA target"):
-        normalize_targets(["c_attn"])
+        normalize_targets(["w_pack"])
     for bad in (dict(method="dora"), dict(dtype="int8"), dict(backend="tpu"), dict(micro_batch=0), dict(seq_len=-1), dict(lora_r=1.5)):
         with pytest.raises(SwarmError):
             estimate(TINY, **{"method": "lora", **bad})

@@ -42,8 +42,12 @@ def _mlx_lm():
     return load_model, LoRALinear
 
 
-def _targets(name: str, targets: tuple[str, ...]) -> bool:
-    """peft's rule for a list of target_modules: the module path equals a target or ends with '.<target>'."""
+def _targets(name: str, targets: tuple[str, ...] | None, module=None) -> bool:
+    """peft's rule for a list of target_modules: the module path equals a target or ends with '.<target>'.
+
+    None (peft's 'all-linear'): every float Linear inside the decoder layers (attention and MLP; not lm_head)."""
+    if targets is None:
+        return type(module) is nn.Linear and ".layers." in f".{name}"
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
@@ -61,9 +65,9 @@ def load_lora_model(run: RunConfig, model_dir: Path) -> tuple[nn.Module, dict[st
         raise SwarmError(f"mlx-lm cannot load the model at {model_dir}: {str(e).splitlines()[0]}") from None
     model.set_dtype(mx.float32)
     model.freeze()
-    found = [(p, m) for p, m in model.named_modules() if _targets(p, run.lora.target_modules)]
+    found = [(p, m) for p, m in model.named_modules() if _targets(p, run.lora.target_modules, m)]
     if not found:
-        raise SwarmError(f"no module of the model at {model_dir} matches lora.target_modules {list(run.lora.target_modules)}")
+        raise SwarmError(f"no module of the model at {model_dir} matches lora.target_modules {run.lora.target_modules}")
     wrapped = []
     for path, module in found:
         if type(module) is not nn.Linear:

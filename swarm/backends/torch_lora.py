@@ -11,7 +11,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from swarm.adapters import from_peft_key, initial_adapter
+from swarm import SwarmError
+from swarm.adapters import fan_in_fan_out, from_peft_key, initial_adapter, peft_targets
 from swarm.backends.base import Batch, OptimizerState, TrainResult, as_batch
 from swarm.config import RunConfig
 from swarm.precision import PrecisionSettings
@@ -50,9 +51,14 @@ def load_peft_model(run: RunConfig, model_dir: Path, device: str = "cpu", precis
     if prec.gradient_checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         base.enable_input_require_grads()
-    cfg = LoraConfig(r=run.lora.r, lora_alpha=run.lora.alpha, lora_dropout=0.0,
-                     target_modules=list(run.lora.target_modules), bias="none", task_type="CAUSAL_LM")
-    model = get_peft_model(base, cfg)
+    targets = peft_targets(run)
+    cfg = LoraConfig(r=run.lora.r, lora_alpha=run.lora.alpha, lora_dropout=0.0, target_modules=targets,
+                     fan_in_fan_out=fan_in_fan_out(model_dir), bias="none", task_type="CAUSAL_LM")
+    try:
+        model = get_peft_model(base, cfg)
+    except ValueError as e:  # peft: "Target modules {...} not found in the base model ..."
+        raise SwarmError(f"no linear layer of the model at {model_dir} matches lora.target_modules {targets}"
+                         f" ({str(e).splitlines()[0][:200]})") from None
     if prec.precision != "nf4":  # a quantized model is placed by device_map and cannot be moved
         model = model.to(device)
     for p in model.parameters():
