@@ -137,10 +137,7 @@ class StateSync:
                               for p in self.members.progress(self.run.name))
                 if on_chain and vouched:
                     self._adopt(state, f"downloaded state of round {state.round} (adapter {state.adapter_sha256[:12]}) "
-                                       "from the surviving chain")
-                    self._lost = lost_work(old, state)
-                    self.log.warn(f"lost {self._lost['lost_rounds']} round(s) ({self._lost['lost_tokens']} tokens) "
-                                  "of the chain this peer was on", state.round)
+                                       "from the surviving chain", announced=True)
                     return state
                 stale.add(source)  # the losing chain's state, or not yet vouched for: ask the others first
             else:
@@ -169,7 +166,11 @@ class StateSync:
             self.transport.distrust(source)
             return None, source
 
-    def _adopt(self, state: TrainingState, what: str) -> None:
+    def _adopt(self, state: TrainingState, what: str, announced: bool = False) -> None:
+        """Make `state` this peer's. If it does not descend from the state held so far (this peer's chain lost, however
+        it found out: a fork seen, a round committed without it, a disagreement), the rounds and tokens lost are
+        logged and go in the next metrics row. `announced`: the fork was already logged."""
+        old = self.state
         self.start_round = state.round + 1
         self.training_round, self.plan_id = 0, ""
         self._advertise()
@@ -178,8 +179,28 @@ class StateSync:
         self.last_group = [p.peer_id for p in self.members.progress(self.run.name)
                            if p.peer_id != self.me and chain_of(p).get(state.round) == state.lineage]
         self._set_state(state)
+        lost = self._lost_to(old, state)
+        if lost is not None:
+            if not announced:
+                self.log.warn(f"this peer's chain (round {old.round}, work {old.work} tokens, lineage {old.lineage[:12]}) "
+                              f"forked from a heavier one (round {state.round}, work {state.work} tokens, lineage "
+                              f"{state.lineage[:12]}): switched to it", state.round)
+            self._lost = lost
+            self.log.warn(f"lost {lost['lost_rounds']} round(s) ({lost['lost_tokens']} tokens) "
+                          "of the chain this peer was on", state.round)
         self.save_outputs(state)  # --output holds the swarm's state even if this peer leaves now
         checkpoint.save(self.out / "checkpoint", state)
+
+    @staticmethod
+    def _lost_to(old: TrainingState | None, new: TrainingState) -> dict | None:
+        """The work of `old`'s chain that `new` does not carry, or None when `new` descends from `old` (or when
+        `new` remembers too few rounds to tell, or `old` is the fresh round-0 state)."""
+        if old is None or old.round == 0 or not new.ancestry or min(new.ancestry) > min(old.round, new.round):
+            return None
+        if new.ancestry.get(old.round, ("",))[0] == old.lineage:
+            return None
+        lost = lost_work(old, new)
+        return lost if lost["lost_rounds"] > 0 else None
 
     def catch_up(self, stop, why: str) -> TrainingState:
         """Announce the round we will join at, wait for the swarm to reach it, download and verify its state."""

@@ -72,6 +72,22 @@ def test_lost_work_counts_the_rounds_after_the_split():
     assert lost_work(mine, _step(_genesis(seed=5), "q")) == {"lost_rounds": 3, "lost_tokens": 300}  # nothing shared
 
 
+def test_any_adoption_off_this_peers_chain_counts_as_lost_work():
+    """However a peer learns its chain lost (a fork seen, a round committed without it, a disagreement), adopting
+    state that does not descend from its own reports the lost rounds; catching up along its own chain loses nothing."""
+    g = _genesis()
+    a1 = _step(g, "a")
+    mine = _step(_step(a1, "b"), "c")                            # rounds 1..3: a b c
+    ahead = _step(_step(mine, "d"), "e")                         # the same chain, two rounds on
+    theirs = _step(_step(_step(_step(a1, "x"), "y"), "z"), "w")  # split after round 1
+    assert StateSync._lost_to(mine, ahead) is None
+    assert StateSync._lost_to(mine, theirs) == {"lost_rounds": 2, "lost_tokens": 200}
+    assert StateSync._lost_to(None, theirs) is None and StateSync._lost_to(g, theirs) is None  # nothing trained yet
+    older = dict(theirs.ancestry)
+    theirs.ancestry = {r: v for r, v in older.items() if r > 3}  # remembers too few rounds to tell: no claim
+    assert StateSync._lost_to(mine, theirs) is None
+
+
 class _Members:
     def __init__(self, progress, adverts=()):
         self._progress, self._adverts = progress, list(adverts)
