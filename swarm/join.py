@@ -13,10 +13,10 @@ import os
 import signal
 import sys
 import threading
-from pathlib import Path
 
 from swarm import SwarmError
 from swarm.cli import Parser
+from swarm.settings import PeerSettings
 
 DEFAULT_OUTPUT = "swarm-output"
 
@@ -113,12 +113,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-def precision_settings(args: argparse.Namespace, platform: str):
+def precision_settings(settings: PeerSettings, platform: str):
     """This peer's base precision from --precision (SwarmError naming the fix if it cannot run here)."""
-    from swarm.precision import settings
+    from swarm.precision import settings as precision
 
-    framework = "mlx" if args.backend == "mlx" or (args.backend == "auto" and platform == "mlx") else "torch"
-    return settings(args.precision, platform, framework)
+    framework = settings.framework or ("mlx" if platform == "mlx" else "torch")
+    return precision(settings.precision, platform, framework)
 
 
 def run_peer(args: argparse.Namespace, stop: StopFlag) -> int:
@@ -126,16 +126,16 @@ def run_peer(args: argparse.Namespace, stop: StopFlag) -> int:
     from swarm.peer import Peer
 
     # detect: this machine, the run, the base model, the backend
-    data = Path(args.data).expanduser().resolve() if args.data else None  # the only data path this peer opens
-    peer = Peer.create(args, data=data)
+    settings = PeerSettings.from_args(args)          # typed; --data is the only data path this peer opens
+    peer = Peer.create(settings)
     try:
-        peer.precision = precision_settings(args, peer.hw.backend)   # the base's precision, checked before joining
+        peer.precision = precision_settings(settings, peer.hw.backend)   # the base's precision, checked before joining
         # advertise: join the DHT, agree on the run, get the current state, announce capability
         peer.connect()
         state = peer.initial_state(stop)
         peer.start_advertising()
         peer.start_background_mode()
-        while not stop() and (args.max_rounds is None or state.round < args.max_rounds):
+        while not stop() and (settings.max_rounds is None or state.round < settings.max_rounds):
             rnd = state.round + 1
             plan = peer.plan(rnd, stop)                                  # plan
             if plan is None:                     # waiting (peers, pause) or caught up with the swarm meanwhile

@@ -7,7 +7,6 @@ is `swarm.sync.StateSync`, which Peer mixes in.
 
 from __future__ import annotations
 
-import argparse
 import os
 import threading
 import time
@@ -21,11 +20,13 @@ from swarm.agreement import commit_blocker, round_one_started_without, round_one
 from swarm.averaging import new_salt
 from swarm.backends.base import TrainResult
 from swarm.checkpoint import TrainingState
-from swarm.config import RunConfig, default_run, load_config
+from swarm.config import load_config
 from swarm.metrics import MetricsFile, Reporter
-from swarm.planner import RoundPlan, RunOption, choose_run, plan_round
+from swarm.planner import RoundPlan, plan_round
 from swarm.records import CapabilityAdvert, ProgressRecord, RunRecord
 from swarm.round import Pacer, RoundOutcome, average_round
+from swarm.runs import resolve_run
+from swarm.settings import PeerSettings
 from swarm.sync import POLL, StateSync
 from swarm.transport.base import ABANDONED
 
@@ -34,7 +35,6 @@ SILENT = 3 * ADVERT_PERIOD  # a peer whose advert did not change for this long (
 AVERAGE_ATTEMPTS = 3     # all-reduce attempts per round with the same trained contribution
 BAN_ROUNDS = 10          # a peer whose contribution was rejected sits out this many rounds (doubling on repeats)
 LINGER = 20.0            # a peer that finished the run serves its final state this long to peers still behind
-RUN_RECORD_WAIT = 15.0  # a joiner waits this long for the swarm's run records (the creator may still be starting)
 STARTER_WAIT = 120.0    # before round 1 of a new swarm, wait at most this long for visible peers still loading
 
 
@@ -54,22 +54,22 @@ def route_swarm_logs(log_file: Path) -> None:
 class Peer(StateSync):
     # ------------------------------------------------------------------------------ detect
     @classmethod
-    def create(cls, args: argparse.Namespace, data: Path | None = None) -> "Peer":
+    def create(cls, settings: PeerSettings) -> "Peer":
         from swarm.hardware import detect
 
         self = cls()
-        self.args = args
-        self.data = data  # the peer's --data: its local copy of the run's dataset (swarm.datasets.local_data)
-        self.config = load_config(args.config) if args.config else None
-        self.hw = detect(memory_limit_gb=args.memory_limit)
-        if args.memory_limit is not None:  # memory is the constraint: make resident memory match the estimate
+        self.settings = settings
+        self.data = settings.data  # the peer's local copy of the run's dataset (swarm.datasets.local_data)
+        self.config = load_config(str(settings.config)) if settings.config else None
+        self.hw = detect(memory_limit_gb=settings.memory_limit)
+        if settings.memory_limit is not None:  # memory is the constraint: make resident memory match the estimate
             from swarm.hardware import tune_allocator
 
             self.allocator = tune_allocator()
         from swarm.key import load as load_swarm_key
 
-        self.swarm_key = load_swarm_key(Path(args.swarm_key)) if getattr(args, "swarm_key", None) else None
-        self.out = Path(args.output or os.path.join(".", "swarm-output")).resolve()
+        self.swarm_key = load_swarm_key(settings.swarm_key) if settings.swarm_key else None
+        self.out = settings.output
         self._lock_output()
         self.transport = None
         self.stop_advertising = threading.Event()
@@ -108,8 +108,8 @@ class Peer(StateSync):
         from swarm.membership import Membership
         from swarm.transport.hivemind_dht import HivemindTransport
 
-        a = self.args
-        self.transport = HivemindTransport(host=a.host, port=a.port, initial_peers=a.initial_peers,
+        a = self.settings
+        self.transport = HivemindTransport(host=a.host, port=a.port, initial_peers=list(a.initial_peers) or None,
                                            identity=self.out / "identity.key", log_file=self.out / "network.log",
                                            swarm_key=self.swarm_key)
         route_swarm_logs(self.out / "network.log")
@@ -121,7 +121,10 @@ class Peer(StateSync):
         self.log.say(f"hardware: {self.hw.backend} ({self.hw.backend_reason.split(':')[0]}), {self.hw.device}, "
                      f"{self.hw.memory_usable_bytes / 1e9:.1f} of {self.hw.memory_total_bytes / 1e9:.1f} GB usable, tier {self.hw.tier}")
         self.members = Membership(self.transport)
-        self.run, self.run_record = self._resolve_run()
+        st = self.settings
+        self.run, self.run_record = resolve_run(config=self.config, name=st.run, data=st.data, joining=bool(st.initial_peers),
+                                                members=self.members, memory_bytes=self.hw.memory_usable_bytes,
+                                                backend=self.hw.backend, precision=self.precision, say=self.log.say)
         self._resolve_base()
         self._check_run()
         self._advertise()  # "loading": a new swarm's first round waits for peers it can already see
@@ -137,91 +140,6 @@ class Peer(StateSync):
                                       max_norm_ratio=self.run.averaging.max_norm_ratio)
         self.transport.serve_state(self._serve_state)
         self.metrics = MetricsFile(self.out / "metrics.jsonl")
-
-    def _resolve_run(self) -> tuple[RunConfig, RunRecord | None]:
-        """The run this peer trains: named, from --config, or the best fit among the swarm's runs."""
-        from swarm.datasets import local_data
-
-        a = self.args
-        runs = self._wait_for_runs() if a.initial_peers else {}
-        if self.config is not None:
-            run = self.config.model_copy(update={"name": a.run}) if a.run else self.config
-            return local_data(run, self.data, from_network=False), runs.get(run.name)
-        if a.run:
-            if a.run in runs:
-                return self._run_from_record(runs[a.run]), runs[a.run]
-            if a.initial_peers:
-                have = ", ".join(sorted(runs)) or "none"
-                raise SwarmError(f"the swarm has no run named {a.run!r} (runs: {have})")
-            return local_data(default_run().model_copy(update={"name": a.run}), self.data, from_network=False), None
-        if not runs:
-            return local_data(default_run(), self.data, from_network=False), None
-        runs = self._runs_without_network_paths(runs)
-        options = [RunOption(name=r.name, params=r.params, bytes_needed=self._bytes_needed(r)) for r in runs.values()]
-        choice = choose_run(options, self.hw.memory_usable_bytes)
-        if choice.run is None:
-            raise SwarmError(choice.reason)
-        self.log.say(f"joining run {choice.run!r}: {choice.reason}")
-        return self._run_from_record(runs[choice.run]), runs[choice.run]
-
-    def _wait_for_runs(self) -> dict[str, RunRecord]:
-        """The swarm's runs; a joiner waits a little for them (the swarm's first peer may still be loading)."""
-        wanted = self.args.run or (self.config.name if self.config is not None else None)
-        end = time.monotonic() + RUN_RECORD_WAIT
-        while True:
-            runs = self.members.runs()
-            if (runs and (wanted is None or wanted in runs)) or time.monotonic() > end:
-                return runs
-            time.sleep(0.5)
-
-    def _runs_without_network_paths(self, runs: dict[str, RunRecord]) -> dict[str, RunRecord]:
-        """Runs a joiner may adopt: none whose record names a model path (swarm.datasets.network_paths), and
-        none whose data this peer cannot supply (a non-builtin dataset needs a content hash and --data)."""
-        safe = {k: r for k, r in runs.items() if not self._unadoptable(r)}
-        for k in sorted(set(runs) - set(safe)):
-            self.log.say(f"ignoring run {k!r}: {self._unadoptable(runs[k])}")
-        if not safe:
-            raise SwarmError(f"no run in the swarm can be joined as is ({self._unadoptable(runs[min(runs)])}): "
-                             "pass --config with your own copy of the run, or --data")
-        return safe
-
-    def _unadoptable(self, record: RunRecord) -> str | None:
-        """Why this peer cannot adopt `record` without a --config of its own, or None."""
-        from swarm.datasets import BUILTIN_SOURCES, network_paths
-
-        cfg = record.config if isinstance(record.config, dict) else {}
-        data = cfg.get("data") if isinstance(cfg.get("data"), dict) else {}
-        paths = network_paths(cfg)
-        if any(p.startswith("model.") for p in paths) or (paths and not data.get("sha256")):
-            return (f"its record names local paths ({', '.join(paths)}); this peer never opens a path taken from "
-                    "the network")
-        if (paths or data.get("sha256")) and self.data is None:
-            return f"it trains on dataset {str(data.get('sha256'))[:12]} ({data.get('format', 'auto')}): pass --data PATH"
-        return None
-
-    def _run_from_record(self, record: RunRecord) -> RunConfig:
-        from swarm.datasets import local_data, network_paths
-
-        if paths := [p for p in network_paths(record.config if isinstance(record.config, dict) else {})
-                     if p.startswith("model.")]:
-            raise SwarmError(f"run {record.name!r} in the swarm names local paths ({', '.join(paths)}); this peer never "
-                             f"opens a path taken from the network: pass --config with your own copy of that run")
-        try:
-            run = RunConfig.model_validate(record.config)
-        except Exception:
-            raise SwarmError(f"run {record.name!r} in the swarm has a config this peer cannot read: pass --config") from None
-        return local_data(run, self.data, from_network=True)  # data only from --data, checked against the hash
-
-    def _bytes_needed(self, record: RunRecord) -> int:
-        from swarm.memory import ModelShape, estimate
-
-        try:
-            run = RunConfig.model_validate(record.config)
-            shape = ModelShape.from_config(record.model_config_json)
-            return estimate(shape, "lora", lora_r=run.lora.r, lora_targets=run.lora.target_modules, micro_batch=1,
-                            seq_len=run.train.seq_len, dtype="float32", backend=self.hw.backend).total
-        except Exception:
-            return 1 << 62  # a record we cannot size is a run we cannot pick
 
     def _resolve_base(self) -> None:
         """The base model directory and its hash: enough to check (or create) the run record."""
@@ -263,9 +181,9 @@ class Peer(StateSync):
                             seq_len=run.train.seq_len, dtype=prec.dtype, backend=self.hw.backend).total
             raise SwarmError(f"this machine cannot train run {run.name!r} ({shape.param_count() / 1e6:.0f}M params): "
                              f"{fit_reason(need, self.hw.memory_usable_bytes)}")
-        name = self.args.backend if self.args.backend != "auto" else ("mlx" if self.hw.backend == "mlx" else "torch")
+        name = self.settings.backend if self.settings.backend != "auto" else ("mlx" if self.hw.backend == "mlx" else "torch")
         extra = {"precision": self.precision} if name == "torch" else {}
-        self.backend = load_backend(name, run=run, model_dir=self.model_dir, threads=self.args.threads, seed=self.args.seed, **extra)
+        self.backend = load_backend(name, run=run, model_dir=self.model_dir, threads=self.settings.threads, seed=self.settings.seed, **extra)
         self.names = self.backend.adapter_names()
         adapter = self.backend.get_adapter()
         self.shapes = {n: tuple(adapter[n].shape) for n in self.names}
@@ -293,10 +211,10 @@ class Peer(StateSync):
 
         t = self.run.train
         mb = min(t.micro_batch, self.max_micro_batch)
-        device = self.hw.backend + (f"-t{self.args.threads}" if self.args.threads else "")
+        device = self.hw.backend + (f"-t{self.settings.threads}" if self.settings.threads else "")
         key = ThroughputKey(self.base_sha256, self.backend.name, device,
                             self.precision.dtype if self.precision.precision == "fp32" else self.precision.precision, mb, t.seq_len)
-        batches = lambda: sample_batches(self.tokens, t.seq_len, mb, mb, self.args.seed, 0, 1)  # noqa: E731
+        batches = lambda: sample_batches(self.tokens, t.seq_len, mb, mb, self.settings.seed, 0, 1)  # noqa: E731
         value, _ = cached_throughput(key, lambda: measure_throughput(self.backend, batches, warmup=1, steps=2))
         return value
 
@@ -337,7 +255,7 @@ class Peer(StateSync):
         return CapabilityAdvert(
             peer_id=self.me, run=self.run.name, backend=self.hw.backend, device=self.hw.device[:200], tier=self.hw.tier,
             memory_total_bytes=self.hw.memory_total_bytes, memory_usable_bytes=self.hw.memory_usable_bytes,
-            throughput_tokens_per_s=float(self.tokens_per_s), max_utilization=self.args.max_utilization,
+            throughput_tokens_per_s=float(self.tokens_per_s), max_utilization=self.settings.max_utilization,
             max_micro_batch=self.max_micro_batch, start_round=self.start_round, paused=self.paused,
             loading=self.loading, training_round=self.training_round, plan_id=self.plan_id,
             precision=self.precision.precision, precisions=list(self.precision.runnable()),
@@ -348,7 +266,7 @@ class Peer(StateSync):
 
     def start_background_mode(self) -> None:
         """--background: lowest priority, and pause/resume with the owner's use of the machine."""
-        if not self.args.background:
+        if not self.settings.background:
             return
         from swarm.background import Monitor, lower_priority
 
@@ -490,7 +408,7 @@ class Peer(StateSync):
         if rnd == 1 and self.state.round == 0 and self._wait_before_round_one(adverts):
             time.sleep(POLL)
             return None
-        mode = "uniform" if self.args.uniform else "negotiated"
+        mode = "uniform" if self.settings.uniform else "negotiated"
         # speeds every member of the last group measured and shared in its all-reduce: the same numbers on every
         # member (and on a joiner, which downloaded them with the state), fresher than adverts
         speeds = self.state.speeds
@@ -522,11 +440,11 @@ class Peer(StateSync):
     def _wait_before_round_one(self, adverts: list[CapabilityAdvert]) -> bool:
         """Before round 1 of a new swarm: wait for --min-peers and for visible peers still loading (agreement)."""
         first = self._waiting_since = getattr(self, "_waiting_since", None) or time.monotonic()
-        wait, ready, loading = round_one_wait(adverts, me=self.me, min_peers=self.args.min_peers,
+        wait, ready, loading = round_one_wait(adverts, me=self.me, min_peers=self.settings.min_peers,
                                               waited=time.monotonic() - first, max_wait=STARTER_WAIT)
         if wait and getattr(self, "_said_waiting", None) != (ready, loading):
             self._said_waiting = (ready, loading)
-            want = f"{self.args.min_peers} peers" if ready < self.args.min_peers else "them"
+            want = f"{self.settings.min_peers} peers" if ready < self.settings.min_peers else "them"
             self.log.say(f"waiting before round 1: {ready} peer(s) ready, {loading} still loading; waiting for {want}")
         return wait
 
@@ -538,12 +456,12 @@ class Peer(StateSync):
         if self.windows is not None:
             from swarm.datasets import shard_batches  # the round's peers train disjoint windows
 
-            batches = shard_batches(self.windows, plan, self.me, self.args.seed, rnd)
+            batches = shard_batches(self.windows, plan, self.me, self.settings.seed, rnd)
         else:
             batches = sample_batches(self.tokens, self.run.train.seq_len, task.sequences, task.micro_batch,
-                                     self.args.seed, rnd, peer_key(self.me))
+                                     self.settings.seed, rnd, peer_key(self.me))
         self.pacer = Pacer(batches, deadline=self.round_started + plan.deadline_seconds,
-                           max_utilization=self.args.max_utilization, stop=lambda: stop() or self.paused)
+                           max_utilization=self.settings.max_utilization, stop=lambda: stop() or self.paused)
         result = self.backend.train(self.pacer)
         compute = result.seconds - self.pacer.slept
         self.last_speed = result.tokens / compute if result.tokens and compute > 0 else 0.0

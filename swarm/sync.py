@@ -55,7 +55,7 @@ class StateSync:
                 self.log.say(f"resuming from checkpoint (round {local.round}, adapter {local.adapter_sha256[:12]})")
                 state = local
             else:
-                state = TrainingState(round=0, adapter=initial_adapter(self.shapes, self.args.seed),
+                state = TrainingState(round=0, adapter=initial_adapter(self.shapes, self.settings.seed),
                                       optimizer=OptimizerState(step=0), fingerprint=self.fingerprint)
             self.start_round = state.round + 1
             return self._set_state(state)
@@ -205,8 +205,8 @@ class StateSync:
     def catch_up(self, stop, why: str) -> TrainingState:
         """Announce the round we will join at, wait for the swarm to reach it, download and verify its state."""
         target = self._swarm_round() + 1                 # the state we need: after the round now in progress
-        if self.args.max_rounds is not None:
-            target = min(target, self.args.max_rounds)   # the swarm ends there: take its final state
+        if self.settings.max_rounds is not None:
+            target = min(target, self.settings.max_rounds)   # the swarm ends there: take its final state
         self.start_round = target + 1
         self._advertise()
         self.log.say(f"{why}: joining at round {self.start_round}, downloading state after round {target}")

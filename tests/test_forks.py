@@ -13,6 +13,7 @@ from swarm.planner import PeerTask, RoundPlan
 from swarm.records import CapabilityAdvert, ProgressRecord
 from swarm.round import RoundOutcome
 from swarm.agreement import chain_of, heavier, lost_work, relation
+from swarm.settings import PeerSettings
 from swarm.sync import StateSync
 
 SHAPES = {"m.lora_A": (2, 4), "m.lora_B": (4, 2)}
@@ -181,13 +182,13 @@ def test_round_one_waits_for_visible_peers_still_loading():
 
     peer = Peer()
     peer.me, peer.log = "a", types.SimpleNamespace(say=lambda *a, **k: None)
-    peer.args = types.SimpleNamespace(min_peers=1)
+    peer.settings = PeerSettings(min_peers=1)
     me = _advert("a")
     assert peer._wait_before_round_one([me, _advert("b", loading=True)])          # b is visible, still loading
     assert not peer._wait_before_round_one([me, _advert("b")])                     # b is ready: plan with it
     # round 1 already under way elsewhere: no waiting (the plan check decides whether to join or catch up)
     assert not peer._wait_before_round_one([me, _advert("b", loading=True), _advert("c", training_round=1)])
-    peer.args.min_peers = 3
+    peer.settings = PeerSettings(min_peers=3)
     assert peer._wait_before_round_one([me, _advert("b")])
 
 
