@@ -83,11 +83,22 @@ def network_paths(config: dict) -> list[str]:
     which would be tokenized, trained on and its gradients sent to the swarm (issue 18, "lure")."""
     out = []
     data, model = config.get("data") or {}, config.get("model") or {}
-    if isinstance(data, dict) and data.get("source", "pydoc") not in BUILTIN_SOURCES:
+    if isinstance(data, dict) and data.get("source", "pydoc") not in BUILTIN_SOURCES and data.get("private") is not True:
         out.append(f"data.source={str(data.get('source'))[:80]!r}")
     if isinstance(model, dict) and model.get("path") is not None:
         out.append(f"model.path={str(model.get('path'))[:80]!r}")
     return out
+
+
+PRIVATE_SOURCE = "private"  # what a private run's record says instead of its creator's path
+
+
+def record_config(run) -> dict:
+    """The run's config as its record publishes it: a private run names no source path and no hash."""
+    config = run.model_dump(mode="json")
+    if run.data.private:
+        config["data"].update(source=PRIVATE_SOURCE, sha256=None)
+    return config
 
 
 def local_data(run, data: Path | None, from_network: bool):
@@ -97,8 +108,15 @@ def local_data(run, data: Path | None, from_network: bool):
 
     From the network (a record): the builtin corpus, or a dataset named by sha256 that --data must
     supply; a record's data.source is never opened. From one's own config: --data replaces the
-    source and, if the config names no hash, its hash is the file's (so joiners can verify theirs)."""
+    source and, if the config names no hash, its hash is the file's (so joiners can verify theirs).
+    Private data (data.private): every peer brings its own; nothing is hashed or compared."""
     d = run.data
+    if d.private:
+        if data is None and (from_network or d.source in BUILTIN_SOURCES):
+            raise SwarmError(f"run {run.name!r} trains on each peer's private data (data.private): "
+                             f"pass --data PATH with this peer's own dataset")
+        source = str(data) if data is not None else d.source
+        return run.model_copy(update={"data": d.model_copy(update={"source": source, "sha256": None})})
     named = d.source not in BUILTIN_SOURCES or d.sha256 is not None
     if from_network:
         if not named:

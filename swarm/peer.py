@@ -195,8 +195,9 @@ class Peer(StateSync):
         if any(p.startswith("model.") for p in paths) or (paths and not data.get("sha256")):
             return (f"its record names local paths ({', '.join(paths)}); this peer never opens a path taken from "
                     "the network")
-        if (paths or data.get("sha256")) and self.data is None:
-            return f"it trains on dataset {str(data.get('sha256'))[:12]} ({data.get('format', 'auto')}): pass --data PATH"
+        if (paths or data.get("sha256") or data.get("private") is True) and self.data is None:
+            return ("it trains on each peer's private data: pass --data PATH" if data.get("private") is True else
+                    f"it trains on dataset {str(data.get('sha256'))[:12]} ({data.get('format', 'auto')}): pass --data PATH")
         return None
 
     def _run_from_record(self, record: RunRecord) -> RunConfig:
@@ -296,12 +297,14 @@ class Peer(StateSync):
 
     def _check_run(self) -> None:
         """A peer whose base model, adapter config or protocol differs from the swarm's refuses to join."""
+        from swarm.datasets import record_config  # a private run's record names no data path or hash
+
         rec = self.run_record
         if rec is None:
             self.run_record = RunRecord(name=self.run.name, protocol=PROTOCOL_VERSION, fingerprint=self.fingerprint,
                                         base_sha256=self.base_sha256, model=self._model_label(),
                                         params=int(sum(np.prod(s) for s in self._base_shapes())),
-                                        config=self.run.model_dump(mode="json"), model_config_json=self.model_config_json,
+                                        config=record_config(self.run), model_config_json=self.model_config_json,
                                         created=self.transport.now())
             self.members.publish_run(self.run_record)
             return

@@ -188,3 +188,63 @@ def test_three_peers_record_the_same_eval_loss_and_it_falls(tmp_path):
     assert losses[-1] < losses[0] - 0.3, losses                    # it learns the held-out examples' pattern
     assert "eval loss" in (out / "peer1" / "log.txt").read_text()
     assert (out / "plots" / "eval_loss.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_private_data_names_no_path_or_hash_and_needs_local_data(tmp_path):
+    from swarm.datasets import local_data, network_paths, record_config
+
+    mine = _jsonl(tmp_path / "mine.jsonl", [{"text": "hi"}])
+    base = default_run()
+    private = RunConfig.model_validate({"name": "fed", "data": {"private": True, "source": "/home/me/diary.jsonl"}})
+    record = record_config(private)
+    assert record["data"]["source"] == "private" and record["data"]["sha256"] is None and network_paths(record) == []
+    assert record_config(base) == base.model_dump(mode="json")
+    adopted = local_data(RunConfig.model_validate(record), mine, from_network=True)
+    assert adopted.data.source == str(mine) and adopted.data.sha256 is None        # never hashed, never compared
+    assert local_data(private, mine, from_network=False).data.sha256 is None
+    assert local_data(private, None, from_network=False) == private                # its own config's own path
+    need = r"^run 'fed' trains on each peer's private data \(data.private\): pass --data PATH with this peer's own dataset$"
+    with pytest.raises(SwarmError, match=need):
+        local_data(RunConfig.model_validate(record), None, from_network=True)
+    with pytest.raises(SwarmError, match=need):
+        local_data(RunConfig.model_validate({"name": "fed", "data": {"private": True}}), None, from_network=False)
+    other = RunConfig.model_validate({"name": "fed", "data": {"private": True, "source": "/elsewhere.txt"}})
+    assert private.fingerprint() == other.fingerprint() != base.fingerprint()
+
+
+def test_a_private_run_without_local_data_is_one_line_exit_2(tmp_path):
+    from conftest import run_cli
+
+    cfg = tmp_path / "fed.yaml"
+    cfg.write_text("name: fed\ndata: {private: true}\n")
+    res = run_cli("swarm.join", "--host", "127.0.0.1", "--config", str(cfg), "--max-rounds", "1",
+                  "--output", str(tmp_path / "out"), timeout=120)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert res.stderr.strip().splitlines() == [
+        "error: run 'fed' trains on each peer's private data (data.private): pass --data PATH with this peer's own dataset"]
+
+
+@pytest.mark.slow
+def test_private_data_peers_train_their_own_and_agree_on_everything_else(peers, tmp_path):
+    """Real peers: `a` starts a private-data run with its --data; `b` adopts it from the network with its own,
+    different --data (no --config): the same adapter every round, the same eval_loss, rows say data_private."""
+    import yaml
+
+    from conftest import metrics
+
+    rows = instruction_rows(80)
+    a_data, b_data = _jsonl(tmp_path / "a.jsonl", rows[:40]), _jsonl(tmp_path / "b.jsonl", rows[40:])
+    cfg = yaml.safe_load(eval_config(tmp_path, a_data).read_text())
+    cfg["data"].update(private=True, sha256=None, source="unused-see-data")
+    (tmp_path / "fed.yaml").write_text(yaml.safe_dump(cfg))
+    peers.start("a", "--config", str(tmp_path / "fed.yaml"), "--data", str(a_data), "--max-rounds", "3", "--min-peers", "2")
+    peers.start("b", "--data", str(b_data), "--max-rounds", "3", initial_peers=peers.addrs("a"))
+    assert peers.wait("b", 300) == 0, peers.log("b")[-3000:]
+    assert peers.wait("a", 60) == 0, peers.log("a")[-3000:]
+    got = {k: {r["round"]: r for r in metrics(tmp_path / k / "metrics.jsonl")} for k in "ab"}
+    common = sorted(set(got["a"]) & set(got["b"]))
+    assert common and all(got["a"][r]["adapter_sha256"] == got["b"][r]["adapter_sha256"] for r in common)
+    assert all(r["data_private"] is True for k in "ab" for r in got[k].values())
+    evals = [r for r in common if "eval_loss" in got["a"][r] and "eval_loss" in got["b"][r]]
+    assert evals and all(got["a"][r]["eval_loss"] == got["b"][r]["eval_loss"] for r in evals)
+    assert str(a_data) not in peers.log("b") and "a.jsonl" not in (tmp_path / "b" / "network.log").read_text()
