@@ -22,6 +22,7 @@ from swarm.averaging import new_salt
 from swarm.backends.base import TrainResult
 from swarm.checkpoint import TrainingState
 from swarm.config import RunConfig, default_run, load_config
+from swarm.datasets import local_data
 from swarm.metrics import MetricsFile, Reporter
 from swarm.planner import RoundPlan, RunOption, choose_run, plan_round
 from swarm.records import CapabilityAdvert, ProgressRecord, RunRecord
@@ -61,6 +62,8 @@ class Peer(StateSync):
         self.args = args
         self.data = data  # the peer's --data: its local copy of the run's dataset (swarm.datasets.local_data)
         self.config = load_config(args.config) if args.config else None
+        if self.config is not None and self.config.data.private:  # fail fast, before the network: it needs --data
+            local_data(self.config, data, from_network=False)
         self.hw = detect(memory_limit_gb=args.memory_limit)
         if args.memory_limit is not None:  # memory is the constraint: make resident memory match the estimate
             from swarm.hardware import tune_allocator
@@ -140,8 +143,6 @@ class Peer(StateSync):
 
     def _resolve_run(self) -> tuple[RunConfig, RunRecord | None]:
         """The run this peer trains: named, from --config, or the best fit among the swarm's runs."""
-        from swarm.datasets import local_data
-
         a = self.args
         runs = self._wait_for_runs() if a.initial_peers else {}
         if self.config is not None:
@@ -187,7 +188,7 @@ class Peer(StateSync):
 
     def _unadoptable(self, record: RunRecord) -> str | None:
         """Why this peer cannot adopt `record` without a --config of its own, or None."""
-        from swarm.datasets import BUILTIN_SOURCES, network_paths
+        from swarm.datasets import network_paths
 
         cfg = record.config if isinstance(record.config, dict) else {}
         data = cfg.get("data") if isinstance(cfg.get("data"), dict) else {}
@@ -201,7 +202,7 @@ class Peer(StateSync):
         return None
 
     def _run_from_record(self, record: RunRecord) -> RunConfig:
-        from swarm.datasets import local_data, network_paths
+        from swarm.datasets import network_paths
 
         if paths := [p for p in network_paths(record.config if isinstance(record.config, dict) else {})
                      if p.startswith("model.")]:
