@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from swarm import SwarmError
 
@@ -86,6 +86,23 @@ class DataConfig(_Strict):
         "pack", description="pack: examples concatenated and cut into windows; pad: one example per window")
     sha256: str | None = Field(
         None, pattern=r"^[0-9a-f]{64}$", description="content hash of the local source; a peer's copy must match")
+    private: bool = Field(
+        False, description="federated: each peer trains on its own local data (--data), which no other peer sees; "
+        "no hash is shared, advertised or part of the fingerprint, and metrics rows say data_private: true")
+    eval_fraction: float = Field(
+        0.0, ge=0.0, le=0.5, description="held-out split: this fraction of the examples (of the tokens, for one plain "
+        "text), chosen by a fixed rule the same on every peer, never trained on (swarm.evaluation.holdout)")
+    eval_every: int = Field(
+        0, ge=0, description="every this many rounds (0 = never) the round's peers evaluate the shared adapter on the "
+        "held-out split, each a shard, summed exactly: metrics rows gain eval_loss and eval_round")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "DataConfig":
+        if self.eval_every and not self.eval_fraction:
+            raise ValueError("data.eval_every needs a held-out split: set data.eval_fraction (e.g. 0.1)")
+        if self.private and self.sha256 is not None:
+            raise ValueError("private data has no shared hash: drop data.sha256")
+        return self
 
 
 class AveragingConfig(_Strict):
@@ -117,8 +134,13 @@ class RunConfig(_Strict):
         # the base precision is per peer (swarm.precision): the allowed list is not part of what must match
         agreed = self.model_dump(mode="json", exclude={"averaging": True, "data": True, "train": {"precisions"}})
         agreed["model"].pop("path", None)
-        if self.data.sha256 is not None:  # a named dataset: peers must train the same bytes, read the same way
-            agreed["data"] = {"sha256": self.data.sha256, "format": self.data.format, "packing": self.data.packing}
+        d = self.data
+        if d.sha256 is not None:  # a named dataset: peers must train the same bytes, read the same way
+            agreed["data"] = {"sha256": d.sha256, "format": d.format, "packing": d.packing}
+        if d.private:  # each peer's own data, read the same way; its hash is nobody else's business
+            agreed["data"] = {"private": True, "format": d.format, "packing": d.packing}
+        if d.eval_fraction or d.eval_every:  # which examples are never trained on, and when the swarm evaluates
+            agreed["eval"] = {"fraction": d.eval_fraction, "every": d.eval_every}
         return hashlib.sha256(json.dumps(agreed, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -145,7 +167,7 @@ def load_config(path: str | Path | None) -> RunConfig:
     except ValidationError as e:
         err = e.errors()[0]
         where = ".".join(str(x) for x in err["loc"]) or "(top level)"
-        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
         raise SwarmError(f"config {p}: {where}: {msg}") from None
     if cfg.model.path is not None:
         mp = Path(cfg.model.path).expanduser()

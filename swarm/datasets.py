@@ -83,11 +83,22 @@ def network_paths(config: dict) -> list[str]:
     which would be tokenized, trained on and its gradients sent to the swarm (issue 18, "lure")."""
     out = []
     data, model = config.get("data") or {}, config.get("model") or {}
-    if isinstance(data, dict) and data.get("source", "pydoc") not in BUILTIN_SOURCES:
+    if isinstance(data, dict) and data.get("source", "pydoc") not in BUILTIN_SOURCES and data.get("private") is not True:
         out.append(f"data.source={str(data.get('source'))[:80]!r}")
     if isinstance(model, dict) and model.get("path") is not None:
         out.append(f"model.path={str(model.get('path'))[:80]!r}")
     return out
+
+
+PRIVATE_SOURCE = "private"  # what a private run's record says instead of its creator's path
+
+
+def record_config(run) -> dict:
+    """The run's config as its record publishes it: a private run names no source path and no hash."""
+    config = run.model_dump(mode="json")
+    if run.data.private:
+        config["data"].update(source=PRIVATE_SOURCE, sha256=None)
+    return config
 
 
 def local_data(run, data: Path | None, from_network: bool):
@@ -97,8 +108,15 @@ def local_data(run, data: Path | None, from_network: bool):
 
     From the network (a record): the builtin corpus, or a dataset named by sha256 that --data must
     supply; a record's data.source is never opened. From one's own config: --data replaces the
-    source and, if the config names no hash, its hash is the file's (so joiners can verify theirs)."""
+    source and, if the config names no hash, its hash is the file's (so joiners can verify theirs).
+    Private data (data.private): every peer brings its own; nothing is hashed or compared."""
     d = run.data
+    if d.private:
+        if data is None and (from_network or d.source in BUILTIN_SOURCES):
+            raise SwarmError(f"run {run.name!r} trains on each peer's private data (data.private): "
+                             f"pass --data PATH with this peer's own dataset")
+        source = str(data) if data is not None else d.source
+        return run.model_copy(update={"data": d.model_copy(update={"source": source, "sha256": None})})
     named = d.source not in BUILTIN_SOURCES or d.sha256 is not None
     if from_network:
         if not named:
@@ -307,10 +325,14 @@ def round_shard(n_windows: int, seed: int, round_: int, member_index: int, quota
 
 
 def load_windows(source: str, fmt: str, packing: str, sha256: str | None, tokenizer_dir: Path,
-                 seq_len: int) -> Tokenized:
-    """A local dataset's windows, after checking its content hash (when the run names one)."""
+                 seq_len: int, eval_fraction: float = 0.0) -> tuple[Tokenized, Tokenized | None]:
+    """A local dataset's (training windows, held-out windows or None), after checking its content hash (when
+    the run names one). Held out: the examples `swarm.evaluation.holdout` picks, windowed on their own so no
+    window mixes the two; one example alone (a plain text) holds out its last windows instead."""
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
+
+    from swarm.evaluation import holdout
 
     p = Path(source).expanduser()
     if not p.exists():
@@ -319,7 +341,49 @@ def load_windows(source: str, fmt: str, packing: str, sha256: str | None, tokeni
         verify_hash(p, sha256)
     hf_logging.set_verbosity_error()
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    return windows(read_examples(p, None if fmt == "auto" else fmt), tok, seq_len, packing)  # type: ignore[arg-type]
+    examples = read_examples(p, None if fmt == "auto" else fmt)  # type: ignore[arg-type]
+    if not eval_fraction:
+        return windows(examples, tok, seq_len, packing), None  # type: ignore[arg-type]
+    if len(examples) == 1:
+        every = windows(examples, tok, seq_len, packing)  # type: ignore[arg-type]
+        held = holdout(len(every.ids), eval_fraction)
+        k = len(every.ids) - len(held)  # the last windows: contiguous text, never overlapping the training ones
+        return (Tokenized(every.ids[:k], every.loss_mask[:k]),
+                Tokenized(every.ids[k:], every.loss_mask[k:]))
+    held = set(holdout(len(examples), eval_fraction).tolist())
+    train = windows([e for i, e in enumerate(examples) if i not in held], tok, seq_len, packing)  # type: ignore[arg-type]
+    try:
+        return train, windows([examples[i] for i in sorted(held)], tok, seq_len, packing)  # type: ignore[arg-type]
+    except SwarmError as e:
+        raise SwarmError(f"held-out split of {p} (data.eval_fraction {eval_fraction:g}): {e}; "
+                         f"raise data.eval_fraction") from None
+
+
+@dataclass(frozen=True)
+class RunData:
+    """What a peer trains and evaluates on."""
+
+    windows: Tokenized | None    # masked training windows of a dataset; None: raw corpus tokens
+    tokens: np.ndarray           # raw corpus tokens to sample (for a dataset: its windows, for the speed probe)
+    held_out: Tokenized | None   # held-out windows (data.eval_fraction), never trained on
+
+
+def load_run_data(d, model_dir: Path, seq_len: int) -> RunData:
+    """The run's data (`DataConfig` d) as a peer trains it: raw text (the builtin corpus, or an unnamed plain
+    text file) is sampled as a token stream; anything else is a dataset of masked windows."""
+    from swarm.data import corpus_tokens
+    from swarm.evaluation import split_tokens
+
+    p = Path(d.source)
+    if d.source in BUILTIN_SOURCES or (d.format in ("auto", "text") and d.sha256 is None and not d.private
+                                       and p.suffix not in (".jsonl", ".json", ".parquet") and not p.is_dir()):
+        tokens = corpus_tokens(d.source, model_dir)
+        if not d.eval_fraction:
+            return RunData(None, tokens, None)
+        train, held = split_tokens(tokens, d.eval_fraction, seq_len)
+        return RunData(None, train, held)
+    train, held = load_windows(d.source, d.format, d.packing, d.sha256, model_dir, seq_len, d.eval_fraction)
+    return RunData(train, np.tile(train.ids.reshape(-1), 2), held)  # unmasked windows for the speed probe
 
 
 def shard_batches(data: Tokenized, plan, peer_id: str, seed: int, round_: int) -> list:

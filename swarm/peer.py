@@ -21,6 +21,7 @@ from swarm.averaging import new_salt
 from swarm.backends.base import TrainResult
 from swarm.checkpoint import TrainingState
 from swarm.config import load_config
+from swarm.datasets import local_data
 from swarm.metrics import MetricsFile, Reporter
 from swarm.planner import RoundPlan, plan_round
 from swarm.records import CapabilityAdvert, ProgressRecord, RunRecord
@@ -61,6 +62,8 @@ class Peer(StateSync):
         self.settings = settings
         self.data = settings.data  # the peer's local copy of the run's dataset (swarm.datasets.local_data)
         self.config = load_config(str(settings.config)) if settings.config else None
+        if self.config is not None and self.config.data.private:  # fail fast, before the network: it needs --data
+            local_data(self.config, self.data, from_network=False)
         self.hw = detect(memory_limit_gb=settings.memory_limit)
         if settings.memory_limit is not None:  # memory is the constraint: make resident memory match the estimate
             from swarm.hardware import tune_allocator
@@ -154,7 +157,6 @@ class Peer(StateSync):
 
     def _load_model(self) -> None:
         from swarm.backends import load_backend
-        from swarm.data import corpus_tokens
         from swarm.memory import ModelShape, max_micro_batch
 
         from swarm.precision import DTYPE, choose
@@ -188,17 +190,12 @@ class Peer(StateSync):
         adapter = self.backend.get_adapter()
         self.shapes = {n: tuple(adapter[n].shape) for n in self.names}
         self.vector_size = sum(int(np.prod(s)) for s in self.shapes.values())
-        self.windows = None  # a local instruction/chat/parquet dataset (swarm.datasets), else raw corpus tokens
-        if run.data.source == "pydoc" or (run.data.format in ("auto", "text") and run.data.sha256 is None
-                                          and Path(run.data.source).suffix not in (".jsonl", ".json", ".parquet")
-                                          and not Path(run.data.source).is_dir()):
-            self.tokens = corpus_tokens(run.data.source, self.model_dir)
-        else:
-            from swarm.datasets import load_windows
+        from swarm.datasets import load_run_data
+        from swarm.evaluation import Evaluation
 
-            d = run.data
-            self.windows = load_windows(d.source, d.format, d.packing, d.sha256, self.model_dir, run.train.seq_len)
-            self.tokens = np.tile(self.windows.ids.reshape(-1), 2)  # unmasked windows for the speed probe
+        data = load_run_data(run.data, self.model_dir, run.train.seq_len)  # the held-out split is never trained on
+        self.windows, self.tokens = data.windows, data.tokens  # windows: a dataset (swarm.datasets); else raw text
+        self.evaluation = Evaluation(data.held_out, run.data.eval_every, private=run.data.private)
         self.tokens_per_s = self._probe_throughput()
         self.log.say(f"run {run.name!r}: {shape.param_count() / 1e6:.1f}M-param base ({self.base_sha256[:12]}), "
                      f"{self.vector_size} LoRA params, backend {self.backend.name}, base {self.precision.precision} "
@@ -220,12 +217,14 @@ class Peer(StateSync):
 
     def _check_run(self) -> None:
         """A peer whose base model, adapter config or protocol differs from the swarm's refuses to join."""
+        from swarm.datasets import record_config  # a private run's record names no data path or hash
+
         rec = self.run_record
         if rec is None:
             self.run_record = RunRecord(name=self.run.name, protocol=PROTOCOL_VERSION, fingerprint=self.fingerprint,
                                         base_sha256=self.base_sha256, model=self._model_label(),
                                         params=int(sum(np.prod(s) for s in self._base_shapes())),
-                                        config=self.run.model_dump(mode="json"), model_config_json=self.model_config_json,
+                                        config=record_config(self.run), model_config_json=self.model_config_json,
                                         created=self.transport.now())
             self.members.publish_run(self.run_record)
             return
@@ -453,6 +452,7 @@ class Peer(StateSync):
         from swarm.data import peer_key, sample_batches
 
         task = plan.task_for(self.me)
+        self.eval_part = self.evaluation.part(self.backend, plan, self.me, rnd, self.log)  # round rnd-1's adapter
         if self.windows is not None:
             from swarm.datasets import shard_batches  # the round's peers train disjoint windows
 
@@ -499,7 +499,7 @@ class Peer(StateSync):
                                     wait_until=wait_until, speed=self.last_speed,
                                     quotas={t.peer_id: t.quota_tokens for t in plan.tasks},
                                     max_tokens=self.run.train.tokens_per_round, abandon=abandon,
-                                    lineage=self.state.lineage, salt=salt)
+                                    lineage=self.state.lineage, salt=salt, extra={"eval": self.eval_part})
             if outcome.offenders:
                 self.exclude(outcome.offenders, rnd)
             absent |= set(outcome.absent) - {self.me}
@@ -592,7 +592,8 @@ class Peer(StateSync):
             "deadline_seconds": round(plan.deadline_seconds, 3), "cut_short": self.pacer.cut_short, "time": time.time(),
             "members": outcome.members, "grad_norm": outcome.grad_norm, "contribution_checksum": outcome.contribution_checksum,
             "sum_checksum": outcome.sum_checksum, "excluded": sorted(p for p, last in self.banned.items() if last >= state.round),
-            "lineage": state.lineage, "work": state.work, **self.take_lost_work(),
+            "lineage": state.lineage, "work": state.work, "data_private": self.run.data.private, **self.take_lost_work(),
+            **self.evaluation.row(outcome, plan, state.round, self.log),
         })
         self.members.report(self.run.name, ProgressRecord(
             peer_id=self.me, round=state.round, adapter_sha256=digest, loss=loss, tokens_per_s=tps,

@@ -76,13 +76,14 @@ class RoundOutcome:
     grad_norm: float | None = None            # this peer's clipped gradient norm (announced to the group)
     sum_checksum: int | None = None           # ... of the exact integer sum the group applied
     update_sha256: str = ""                   # hash of the averaged update (bit-identical on every member)
+    gathered: dict[str, dict] = field(default_factory=dict)  # every member's announcement (the same on every member)
 
 
 def average_round(transport: Transport, train: TrainResult, *, names: list[str], shapes: dict[str, tuple[int, ...]],
                   round_: int, plan_id: str, group_size: int, clip_norm: float, timeout: float,
                   run: str, wait_until: float | None = None, speed: float = 0.0,
                   quotas: dict[str, int] | None = None, max_tokens: int = MAX_TOKENS_PER_PEER,
-                  lineage: str, abandon=None, salt: int | None = None) -> RoundOutcome:
+                  lineage: str, abandon=None, salt: int | None = None, extra: dict | None = None) -> RoundOutcome:
     """All-reduce this peer's clipped, token-weighted gradient with the group; validate everything.
 
     `quotas`: each peer's token quota in plan `plan_id` (a member of the same plan claiming more
@@ -94,7 +95,9 @@ def average_round(transport: Transport, train: TrainResult, *, names: list[str],
     `salt`: this peer's check-lane salt, the same in every attempt of a round (default: a new one). An
     attempt abandoned while a leader was already forming its group may still be averaged with the
     announcement of that attempt: with one salt per round, the parts of the next attempt match it,
-    and an honest peer is never rejected for "check lanes that do not carry the salt it announced"."""
+    and an honest peer is never rejected for "check lanes that do not carry the salt it announced".
+    `extra`: more fields for this peer's announcement (e.g. its held-out eval part, swarm.evaluation); every
+    member gets every member's back in `outcome.gathered`."""
     values = sum(int(np.prod(shapes[n])) for n in names)
     salt = salt if salt is not None else new_salt()
     try:
@@ -104,7 +107,7 @@ def average_round(transport: Transport, train: TrainResult, *, names: list[str],
     except AveragingError as e:
         return RoundOutcome(ok=False, reason=f"not contributing: {e}")
     mine = checksum(data_values(vector, values))
-    gather = {"peer": transport.peer_id, "round": round_, "tokens": train.tokens, "loss_sum": float(train.loss_sum),
+    gather = {**(extra or {}), "peer": transport.peer_id, "round": round_, "tokens": train.tokens, "loss_sum": float(train.loss_sum),
               "plan": plan_id, "salt": salt, "norm": float(norm), "seconds": float(train.seconds), "speed": float(speed),
               "arrived": float(transport.now()), "lineage": lineage}
     if group_size <= 1:
@@ -154,7 +157,8 @@ def average_round(transport: Transport, train: TrainResult, *, names: list[str],
                         group_size=len(gathered), group_loss=loss / tokens, members=members,
                         reduce_seconds=seconds, slowest_seconds=slowest, speeds=speeds,
                         barrier_wait=max(0.0, min(max(arrivals, default=0.0) - gather["arrived"], seconds)),
-                        contribution_checksum=mine, sum_checksum=avg.checksum, grad_norm=norm)
+                        contribution_checksum=mine, sum_checksum=avg.checksum, grad_norm=norm,
+                        gathered={p: g for p, g in gathered.items() if p in members})
 
 
 def _explain(error: AveragingError, averaged: np.ndarray, members: list[str], gathered: dict, me: str,

@@ -76,8 +76,9 @@ def unadoptable(record: RunRecord, data: Path | None) -> str | None:
     if any(p.startswith("model.") for p in paths) or (paths and not d.get("sha256")):
         return (f"its record names local paths ({', '.join(paths)}); this peer never opens a path taken from "
                 "the network")
-    if (paths or d.get("sha256")) and data is None:
-        return f"it trains on dataset {str(d.get('sha256'))[:12]} ({d.get('format', 'auto')}): pass --data PATH"
+    if (paths or d.get("sha256") or d.get("private") is True) and data is None:
+        return ("it trains on each peer's private data: pass --data PATH" if d.get("private") is True else
+                f"it trains on dataset {str(d.get('sha256'))[:12]} ({d.get('format', 'auto')}): pass --data PATH")
     return None
 
 

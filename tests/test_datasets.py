@@ -154,6 +154,7 @@ def test_a_peer_trains_on_an_instruction_dataset_with_masked_tokens(tmp_path):
     rows = metrics(tmp_path / "out" / "metrics.jsonl")
     assert [r["round"] for r in rows] == [1, 2]
     assert all(0 < r["tokens"] < 256 for r in rows)  # masked: fewer loss tokens than window tokens
+    assert rows[0]["eval_round"] == 0 and rows[0]["eval_loss"] > 0 and "eval_loss" not in rows[1]  # eval_every: 2
     other = _jsonl(tmp_path / "mine.jsonl", [{"text": "not the run's data"}])  # --data: a copy that differs
     res = run_cli("swarm.join", "--host", "127.0.0.1", "--config", str(cfg), "--max-rounds", "1", "--data", str(other),
                   "--output", str(tmp_path / "out2"), "--threads", "1", timeout=240)
