@@ -94,10 +94,13 @@ PRIVATE_SOURCE = "private"  # what a private run's record says instead of its cr
 
 
 def record_config(run) -> dict:
-    """The run's config as its record publishes it: a private run names no source path and no hash."""
+    """The run's config as its record publishes it: a private run names no source path and no hash; a dataset
+    named by its hash only by its file name (joiners bring their own copy; the creator's directories stay private)."""
     config = run.model_dump(mode="json")
     if run.data.private:
         config["data"].update(source=PRIVATE_SOURCE, sha256=None)
+    elif run.data.sha256 and run.data.source not in BUILTIN_SOURCES:
+        config["data"]["source"] = Path(run.data.source).name
     return config
 
 

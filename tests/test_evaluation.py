@@ -199,6 +199,9 @@ def test_private_data_names_no_path_or_hash_and_needs_local_data(tmp_path):
     record = record_config(private)
     assert record["data"]["source"] == "private" and record["data"]["sha256"] is None and network_paths(record) == []
     assert record_config(base) == base.model_dump(mode="json")
+    shared = RunConfig.model_validate({"name": "s", "data": {"source": "/home/me/work/chat.jsonl", "sha256": "a" * 64}})
+    assert record_config(shared)["data"]["source"] == "chat.jsonl"                 # the creator's directories stay private
+    assert local_data(RunConfig.model_validate(record_config(shared)), mine, from_network=True).data.source == str(mine)
     adopted = local_data(RunConfig.model_validate(record), mine, from_network=True)
     assert adopted.data.source == str(mine) and adopted.data.sha256 is None        # never hashed, never compared
     assert local_data(private, mine, from_network=False).data.sha256 is None
