@@ -142,9 +142,11 @@ def test_lure_run_naming_a_local_path_is_never_opened(peers, tmp_path, monkeypat
     old = time.time() - 3 * 86400
     os.utime(canary, (old, old))  # relatime updates an atime older than a day on any read
     monkeypatch.setenv("SWARM_LURE_PATH", str(canary))
-    peers.start("a", "--max-rounds", "2", "--min-peers", "2")
+    # the honest swarm outlives the joiner whatever the machine's load (the joiner downloads round 2's state, or a later
+    # one, and leaves); the fixture stops it
+    peers.start("a", "--max-rounds", "40", "--min-peers", "2")
     addrs = peers.addrs("a")
-    peers.start("x", "--max-rounds", "2", initial_peers=addrs, program=[*EVIL, "lure"])
+    peers.start("x", "--max-rounds", "40", initial_peers=addrs, program=[*EVIL, "lure"])
     deadline = time.monotonic() + 120
     while "joining run" not in peers.log("x") and time.monotonic() < deadline:  # x has published the lure
         time.sleep(0.5)
