@@ -110,6 +110,7 @@ class Peer(StateSync):
 
         a = self.args
         self.transport = HivemindTransport(host=a.host, port=a.port, initial_peers=a.initial_peers,
+                                           announce=getattr(a, "announce", None),
                                            identity=self.out / "identity.key", log_file=self.out / "network.log",
                                            swarm_key=self.swarm_key)
         route_swarm_logs(self.out / "network.log")

@@ -136,7 +136,7 @@ class HivemindTransport:
 
     def __init__(self, *, host: str = "0.0.0.0", port: int = 0, initial_peers: list[str] | None = None,
                  identity: Path | None = None, client_mode: bool = False, log_file: Path | None = None,
-                 swarm_key: SwarmKey | None = None) -> None:
+                 swarm_key: SwarmKey | None = None, announce: list[str] | None = None) -> None:
         from swarm.lifecycle import guard
 
         guard()  # hivemind's DHT, averager and p2pd end with this process, however it ends
@@ -154,7 +154,7 @@ class HivemindTransport:
         try:
             self.dht = hivemind.DHT(
                 initial_peers=initial_peers or None, start=True, record_validators=validators,
-                host_maddrs=[f"/{ip}/{host}/tcp/{port}"], nat_port_map=not loopback,
+                host_maddrs=[f"/{ip}/{host}/tcp/{port}"], announce_maddrs=announce or None, nat_port_map=not loopback,
                 use_relay=not loopback, auto_nat=not loopback, startup_timeout=30, client_mode=client_mode,
             )
         except Exception as e:  # p2pd's errors are long; the first line says what went wrong
