@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -115,5 +116,20 @@ def test_testbed_behind_links_trains_identical_adapters(tmp_path):
     assert a["bytes_up"] == b["bytes_down"] and b["bytes_up"] == a["bytes_down"]  # all traffic went through the relays
     rows = [[json.loads(line) for line in (out / f"peer{k}" / "metrics.jsonl").read_text().splitlines()] for k in range(2)]
     assert [r["adapter_sha256"] for r in rows[0]] == [r["adapter_sha256"] for r in rows[1]] and len(rows[0]) == 2
-    vector_bytes = 8 * 156_000  # the default run's adapter gradient, float64; a 2-peer butterfly sends it once each way
-    assert a["bytes_up"] > 2 * vector_bytes and b["bytes_up"] > 2 * vector_bytes
+    # traffic and time metrics: a 2-peer butterfly sends half the float64 vector as parts and returns the other half
+    # as averaged deltas, so each peer sends (and receives) the vector's size once, plus framing and matchmaking
+    from swarm.averaging import vector_size
+
+    params = int(re.search(r"(\d+) LoRA params", (out / "peer0" / "log.txt").read_text()).group(1))
+    expected = 8 * vector_size(params) * 2 * (2 - 1) / 2
+    for k, peer_rows in enumerate(rows):
+        for r in peer_rows:
+            assert {"bytes_sent", "bytes_received", "compute_seconds", "comm_seconds"} <= set(r)
+            for field in ("bytes_sent", "bytes_received"):
+                assert 1.0 < r[field] / expected < 1.05, (field, r[field], expected)
+            assert 0 < r["compute_seconds"] <= r["train_seconds"] and 0 < r["comm_seconds"] <= r["wait_seconds"]
+            # at least the transfer time over the slower uplink (10 Mbit/s), whatever else the round did
+            assert r["comm_seconds"] > r["bytes_sent"] * 8 / 10e6
+        line = summary["links"][k]  # the relay saw every byte of the averaging traffic, and the DHT's and libp2p's
+        assert sum(r["bytes_sent"] for r in peer_rows) < line["bytes_up"]
+        assert sum(r["bytes_received"] for r in peer_rows) < line["bytes_down"]

@@ -1,7 +1,7 @@
 """The hivemind transport: DHT records signed per peer, decentralized all-reduce, state download.
 
-This module and `hivemind_averager` (hivemind's averager, hardened for untrusted peers) are the only
-modules of swarm that import hivemind.
+This module, `hivemind_averager` (hivemind's averager, hardened for untrusted peers) and
+`hivemind_traffic` (its byte counters) are the only modules of swarm that import hivemind.
 """
 
 from __future__ import annotations
@@ -184,6 +184,7 @@ class HivemindTransport:
         self._averager.swarm_key = self.swarm_key  # refuses non-members in matchmaking and state download
         self._averager.run_in_background(await_ready=True)
         self._group_size = 2
+        self._traffic = (0, 0)  # averaging bytes (sent, received) not yet reported in a ReduceResult
         self._p2p_of: dict[str, str] = {}  # swarm peer id -> libp2p peer id, learned from signed gathers
         self._banned: set[str] = set()
 
@@ -239,6 +240,8 @@ class HivemindTransport:
             raise TransportError(f"all-reduce failed: {type(e).__name__}: {e}") from None
         finally:
             rejections = self._averager._call("_take_rejections")
+            sent, received = self._averager._call("_take_traffic")  # failed attempts count in the next result
+            self._traffic = (self._traffic[0] + sent, self._traffic[1] + received)
         if not gathered:
             raise TransportError("all-reduce failed: no group formed before the deadline")
         with self._averager.get_tensors() as tensors:
@@ -255,7 +258,9 @@ class HivemindTransport:
             raise TransportError(f"all-reduce failed: the announcement of member(s) {', '.join(forged)} is not signed "
                                  "by a swarm key for their libp2p id (or names a peer twice)")
         by_owner = {owner: rejections[p2p] for owner, p2p in self._p2p_of.items() if p2p in rejections}
-        return ReduceResult(vector=result, gathered=members, seconds=time.perf_counter() - start, rejections=by_owner)
+        (sent, received), self._traffic = self._traffic, (0, 0)
+        return ReduceResult(vector=result, gathered=members, seconds=time.perf_counter() - start, rejections=by_owner,
+                            bytes_sent=sent, bytes_received=received)
 
     def reducing(self) -> bool:
         control = getattr(self, "_control", None)
