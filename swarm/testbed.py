@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -18,7 +19,7 @@ from pathlib import Path
 
 from swarm.cli import Parser
 from swarm import SwarmError
-from swarm.links import LinkEmulator, free_port, parse_links
+from swarm.links import LinkEmulator, parse_links
 from swarm.metrics import read_metrics
 
 START_TIMEOUT = 120.0
@@ -130,9 +131,15 @@ class Testbed:
         if not self.links:
             return
         self.emulator = LinkEmulator("127.0.0.1")
-        for spec in self.links:
-            port = free_port()
-            self.ports.append((port, self.emulator.add_peer(spec, port)))
+        held = [socket.socket() for _ in self.links]  # the peers' private ports, held until every relay has its own
+        try:
+            for sock, spec in zip(held, self.links):
+                sock.bind(("127.0.0.1", 0))
+                port = sock.getsockname()[1]
+                self.ports.append((port, self.emulator.add_peer(spec, port)))
+        finally:
+            for sock in held:
+                sock.close()
         self.emulator.start()
 
     def stop_links(self) -> None:
