@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import signal
 import sys
 import threading
@@ -27,6 +28,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="multiaddrs of any live peer (what the first peer prints); none = start a new swarm")
     p.add_argument("--host", default="0.0.0.0", help="address to listen on (127.0.0.1 keeps everything on loopback)")
     p.add_argument("--port", type=int, default=0, help="TCP port to listen on (default: any free port)")
+    p.add_argument("--announce", nargs="+", metavar="MULTIADDR", default=None,
+                   help="the addresses other peers dial to reach this one, like /ip4/203.0.113.7/tcp/31337 (a forwarded "
+                        "port, or the testbed's link relay); default: the listen address")
     p.add_argument("--config", default=None, help="run config YAML (default: the embedded default run)")
     p.add_argument("--data", default=None, metavar="PATH",
                    help="this peer's local copy of the run's dataset (checked against the run's data.sha256); "
@@ -65,21 +69,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if why:
             p.error(f"--initial-peers {addr!r} is not a peer address ({why}): pass what the first peer printed, "
                     "like /ip4/192.168.1.5/tcp/31337/p2p/12D3KooW...")
+    for addr in args.announce or ():
+        why = check_multiaddr(addr, peer=False)
+        if why:
+            p.error(f"--announce {addr!r} is not an address to announce ({why}): like /ip4/203.0.113.7/tcp/31337")
     return args
 
 
-def check_multiaddr(addr: str) -> str | None:
-    """Why `addr` is not a dialable peer multiaddr, or None if it is."""
+def check_multiaddr(addr: str, peer: bool = True) -> str | None:
+    """Why `addr` is not a dialable peer multiaddr (`peer=False`: a dialable address of this peer), or None if it is."""
     from multiaddr import Multiaddr
 
     try:
         protos = [p.name for p in Multiaddr(addr).protocols()]
     except Exception as e:
         return str(e).splitlines()[0] if str(e) else "unparsable"
-    if "p2p" not in protos:
+    if peer and "p2p" not in protos:
         return "no /p2p/<peer id> part"
     if not {"tcp", "udp"} & set(protos):
         return "no /tcp/<port> part"
+    if not peer and re.search(r"/(tcp|udp)/0(/|$)", addr):
+        return "port 0: announce an explicit port"
     return None
 
 

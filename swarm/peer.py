@@ -113,6 +113,7 @@ class Peer(StateSync):
 
         a = self.settings
         self.transport = HivemindTransport(host=a.host, port=a.port, initial_peers=list(a.initial_peers) or None,
+                                           announce=list(a.announce) or None,
                                            identity=self.out / "identity.key", log_file=self.out / "network.log",
                                            swarm_key=self.swarm_key)
         route_swarm_logs(self.out / "network.log")
@@ -584,6 +585,8 @@ class Peer(StateSync):
             "train_seconds": round(train.seconds, 4), "idle_seconds": round(self.pacer.slept, 4),
             "wait_seconds": round(outcome.reduce_seconds, 4),
             "barrier_wait_seconds": round(outcome.barrier_wait, 4),
+            "compute_seconds": round(max(0.0, train.seconds - self.pacer.slept), 4), "bytes_sent": outcome.bytes_sent,
+            "comm_seconds": round(max(0.0, outcome.reduce_seconds - outcome.barrier_wait), 4), "bytes_received": outcome.bytes_received,
             "tokens_per_s": round(tps, 2), "backend": self.backend.name, "precision": self.precision.precision,
             "checkpointing": self.precision.gradient_checkpointing, "adapter_sha256": digest,
             "adapter_norm": float(np.sqrt(sum(float(np.sum(np.square(a, dtype=np.float64))) for a in state.adapter.values()))),

@@ -77,6 +77,8 @@ class RoundOutcome:
     sum_checksum: int | None = None           # ... of the exact integer sum the group applied
     update_sha256: str = ""                   # hash of the averaged update (bit-identical on every member)
     gathered: dict[str, dict] = field(default_factory=dict)  # every member's announcement (the same on every member)
+    bytes_sent: int = 0                       # this peer's averaging traffic in the round, framing included
+    bytes_received: int = 0
 
 
 def average_round(transport: Transport, train: TrainResult, *, names: list[str], shapes: dict[str, tuple[int, ...]],
@@ -111,7 +113,7 @@ def average_round(transport: Transport, train: TrainResult, *, names: list[str],
               "plan": plan_id, "salt": salt, "norm": float(norm), "seconds": float(train.seconds), "speed": float(speed),
               "arrived": float(transport.now()), "lineage": lineage}
     if group_size <= 1:
-        result_vec, gathered, seconds = vector, {transport.peer_id: gather}, 0.0
+        result_vec, gathered, seconds, traffic = vector, {transport.peer_id: gather}, 0.0, {}
     else:
         try:
             res = transport.all_reduce(vector, group_key=f"{run}.r{round_}.{lineage[:16]}", group_size=group_size, gather=gather,
@@ -119,6 +121,7 @@ def average_round(transport: Transport, train: TrainResult, *, names: list[str],
         except TransportError as e:
             return RoundOutcome(ok=False, reason=str(e), contribution_checksum=mine)
         result_vec, gathered, seconds = res.vector, res.gathered, res.seconds
+        traffic = {"bytes_sent": res.bytes_sent, "bytes_received": res.bytes_received}
     members, tokens, loss, salts, slowest, speeds, arrivals = [], 0, 0.0, 0, 0.0, {}, []
     for peer, g in sorted(gathered.items()):
         if not isinstance(g, dict) or g.get("peer") != peer or g.get("round") != round_ \
@@ -157,7 +160,7 @@ def average_round(transport: Transport, train: TrainResult, *, names: list[str],
                         group_size=len(gathered), group_loss=loss / tokens, members=members,
                         reduce_seconds=seconds, slowest_seconds=slowest, speeds=speeds,
                         barrier_wait=max(0.0, min(max(arrivals, default=0.0) - gather["arrived"], seconds)),
-                        contribution_checksum=mine, sum_checksum=avg.checksum, grad_norm=norm,
+                        contribution_checksum=mine, sum_checksum=avg.checksum, grad_norm=norm, **traffic,
                         gathered={p: g for p, g in gathered.items() if p in members})
 
 

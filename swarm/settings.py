@@ -14,6 +14,7 @@ class PeerSettings:
     host: str = "0.0.0.0"                     # address to listen on
     port: int = 0                             # TCP port (0: any free one)
     initial_peers: tuple[str, ...] = ()       # multiaddrs of live peers; empty: start a new swarm
+    announce: tuple[str, ...] = ()            # addresses other peers dial instead of the listening ones (a relay, a NAT)
     output: Path = Path("swarm-output")       # where this peer writes its adapter, metrics and logs
     config: Path | None = None                # this peer's own run config YAML
     data: Path | None = None                  # this peer's local copy of the run's dataset (the only data path it opens)
@@ -39,6 +40,7 @@ class PeerSettings:
     def from_args(cls, args: argparse.Namespace) -> "PeerSettings":
         path = lambda v: Path(v).expanduser().resolve() if v else None  # noqa: E731
         return cls(host=args.host, port=args.port, initial_peers=tuple(args.initial_peers or ()),
+                   announce=tuple(getattr(args, "announce", None) or ()),
                    output=Path(args.output or os.path.join(".", "swarm-output")).resolve(),
                    config=path(args.config), data=path(args.data), run=args.run, max_rounds=args.max_rounds,
                    seed=args.seed, backend=args.backend, threads=args.threads, memory_limit=args.memory_limit,

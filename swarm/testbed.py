@@ -2,6 +2,7 @@
 
 The first peer starts the swarm; the others join it through the multiaddr it prints. Per-peer
 `--memory-limit` and `--max-utilization` lists make a heterogeneous swarm on one machine.
+`--link UP/DOWN/RTT` puts every peer behind an emulated home line (swarm.links: a userspace relay, no root).
 Writes DIR/summary.json and the run's plots (DIR/plots/*.png, swarm.report); exits 0 only if every peer succeeded and all final adapters are identical.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -17,6 +19,7 @@ from pathlib import Path
 
 from swarm.cli import Parser
 from swarm import SwarmError
+from swarm.links import LinkEmulator, parse_links
 from swarm.metrics import read_metrics
 
 START_TIMEOUT = 120.0
@@ -50,6 +53,8 @@ def parse_args(argv):
     p.add_argument("--backend", default=None, metavar="B[,B...]", help="per-peer backend: torch or mlx (default: auto)")
     p.add_argument("--precision", default=None, metavar="P[,P...]",
                    help="per-peer base precision: auto, fp32, bf16, fp16 or nf4 (one value, or one per peer)")
+    p.add_argument("--link", default=None, metavar="UP/DOWN/RTT[,...]",
+                   help="emulated line per peer, e.g. 20mbit/100mbit/40ms (one for all peers, or a comma list, one per peer)")
     p.add_argument("--uniform", action="store_true", help="equal task sizes for every peer (baseline for benchmarks)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=None, help="stop everything after this many seconds (default: generous)")
@@ -79,6 +84,9 @@ class Testbed:
         for u in self.utils:
             if u is not None and not 0 < u <= 1:
                 raise SwarmError(f"--max-utilization: {u} is not in (0, 1]")
+        self.links = parse_links(args.link, args.peers) if args.link else None
+        self.emulator: LinkEmulator | None = None
+        self.ports: list[tuple[int, int]] = []  # with --link: each peer's (private port, announced relay port)
         self.threads = args.threads or max(1, (os.cpu_count() or 1) // args.peers)
         self.procs: list[subprocess.Popen] = []
         self.logs: list[Path] = []
@@ -113,7 +121,30 @@ class Testbed:
             cmd += ["--data", self.data[k]]
         if a.uniform:
             cmd += ["--uniform"]
+        if self.ports:  # behind its emulated line: other peers dial the relay
+            port, relay = self.ports[k]
+            cmd += ["--port", str(port), "--announce", f"/ip4/127.0.0.1/tcp/{relay}"]
         return cmd
+
+    def start_links(self) -> None:
+        """With --link: one relay per peer (swarm.links), started before any peer."""
+        if not self.links:
+            return
+        self.emulator = LinkEmulator("127.0.0.1")
+        held = [socket.socket() for _ in self.links]  # the peers' private ports, held until every relay has its own
+        try:
+            for sock, spec in zip(held, self.links):
+                sock.bind(("127.0.0.1", 0))
+                port = sock.getsockname()[1]
+                self.ports.append((port, self.emulator.add_peer(spec, port)))
+        finally:
+            for sock in held:
+                sock.close()
+        self.emulator.start()
+
+    def stop_links(self) -> None:
+        if self.emulator is not None:
+            self.emulator.stop()
 
     def spawn(self, k: int, initial_peers: list[str] | None) -> None:
         if k == 0:
@@ -233,8 +264,12 @@ class Testbed:
                           "adapter_sha256": digest, "output": str(d)})
         hashes = {p["adapter_sha256"] for p in peers}
         ok = all(p["exit_code"] == 0 for p in peers) and len(hashes) == 1 and None not in hashes
-        return {"ok": ok, "all_adapters_identical": len(hashes) == 1 and None not in hashes, "peers": peers,
-                "max_rounds": self.args.max_rounds}
+        out = {"ok": ok, "all_adapters_identical": len(hashes) == 1 and None not in hashes, "peers": peers,
+               "max_rounds": self.args.max_rounds}
+        if self.emulator is not None:  # what crossed each peer's emulated line
+            out["links"] = self.emulator.stats()
+            out["link_connections"], out["link_unidentified"] = self.emulator.connections, self.emulator.unidentified
+        return out
 
 
 def draw_plots(out: Path) -> None:
@@ -267,9 +302,11 @@ def main(argv=None) -> int:
         return 2
     bed.out.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + (args.timeout or bed.default_timeout())
-    print(f"testbed: starting {args.peers} peers on 127.0.0.1 ({bed.threads} thread(s) each), logs in {bed.out}/peer*/log.txt",
+    lines = f", links {','.join(map(str, bed.links))}" if bed.links else ""
+    print(f"testbed: starting {args.peers} peers on 127.0.0.1 ({bed.threads} thread(s) each{lines}), logs in {bed.out}/peer*/log.txt",
           flush=True)
     try:
+        bed.start_links()
         bed.spawn(0, None)
         addrs = bed.first_peer_addrs()
         print(f"testbed: first peer is up at {addrs[0]}", flush=True)
@@ -285,6 +322,7 @@ def main(argv=None) -> int:
         bed.stop_all()
     finally:
         bed.stop_all()
+        bed.stop_links()
     summary = bed.summary()
     (bed.out / "summary.json").write_text(json.dumps(summary, indent=2))
     failed = []

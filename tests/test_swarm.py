@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 
 import numpy as np
@@ -49,6 +50,16 @@ def test_testbed_three_peers_identical_every_round_and_loss_falls(tmp_path):
     assert [p.label for p in series] == ["peer0", "peer1", "peer2"] and events(series) == []  # nobody joined, left, cheated
     for m in metrics(files[0]):                                        # a round's parts add up to its seconds
         assert abs(sum(time_split(m).values()) - m["seconds"]) < 0.01 and m["idle_seconds"] == 0.0
+    from swarm.averaging import vector_size
+
+    params = int(re.search(r"(\d+) LoRA params", (out / "peer0" / "log.txt").read_text()).group(1))
+    butterfly = 8 * vector_size(params) * 2 * (3 - 1) / 3  # float64 parts out and deltas back, to 2 of 3 reducers
+    rows = [metrics(f) for f in files]  # reducers' shares come in whole 512 KiB parts, so peers differ; the group adds up
+    for by_peer in zip(*rows):
+        for field in ("bytes_sent", "bytes_received"):
+            assert 1.0 < sum(m[field] for m in by_peer) / (3 * butterfly) < 1.05, [m[field] for m in by_peer]
+        for m in by_peer:
+            assert m["compute_seconds"] == m["train_seconds"] and 0 < m["comm_seconds"] <= m["wait_seconds"]
     cfg = json.loads((out / "peer0" / "adapter" / "adapter_config.json").read_text())
     from transformers import AutoConfig
 

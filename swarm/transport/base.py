@@ -31,6 +31,8 @@ class ReduceResult:
     gathered: dict[str, Any]             # what every group member passed as `gather`, by its (verified) swarm peer id
     seconds: float                       # wall time of matchmaking + all-reduce
     rejections: dict[str, str] = field(default_factory=dict)  # members whose parts this peer's reducer rejected: why
+    bytes_sent: int = 0                  # this peer's averaging traffic (framing included), failed attempts of the round too
+    bytes_received: int = 0
 
 
 StateProvider = Callable[[], tuple[dict, list[np.ndarray]]]

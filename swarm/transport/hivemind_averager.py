@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import threading
@@ -34,6 +35,7 @@ from hivemind.utils.timed_storage import ValueWithExpiration
 
 from swarm.averaging import check_part, expectations, marker_part
 from swarm.key import SwarmKey
+from swarm.transport import hivemind_traffic
 from swarm.transport.base import StateProvider, TransportError
 
 MAX_MESSAGE_BYTES = 32 << 20  # largest message any peer may send us: parts are 512 KiB, state chunks 4 MiB
@@ -153,6 +155,26 @@ class _CheckedRunner(AllReduceRunner):
             starts=starts, total=c.total_size, names=[p.to_base58() for p in self.sender_peer_ids],
             expects=expectations([announced.get(p, {}) for p in self.sender_peer_ids], clip_norm, max_norm_ratio),
             on_reject=on_reject)
+        self.sending, self.streams = asyncio.Event(), 0  # senders' streams still returning averaged deltas
+        self.sending.set()
+
+    async def rpc_aggregate_part(self, stream, context):
+        """hivemind's, and `sending` is clear while any sender's averaged deltas are still going out."""
+        self.streams += 1
+        self.sending.clear()
+        try:
+            async for message in super().rpc_aggregate_part(stream, context):
+                yield message
+        finally:
+            self.streams -= 1
+            if not self.streams:
+                self.sending.set()
+
+    async def deltas_sent(self) -> None:
+        """Until the last averaged delta this reducer owes has been written (at most `reducer_timeout`), so that a
+        round's `bytes_sent` holds them all rather than the next round's."""
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self.sending.wait(), self.reducer_timeout)
 
     async def _accumulate_parts_streaming(self, stream, sender_index: int):
         part_index = 0
@@ -194,7 +216,11 @@ class SwarmAverager(DecentralizedAverager):
         # hivemind's reducer sums parts in `torch.zeros(shape)`, i.e. the default dtype: float32
         # would truncate our exact float64 fixed-point sums. This runs in the averager's own process.
         torch.set_default_dtype(torch.float64)
+        hivemind_traffic.install()  # bytes_sent / bytes_received of each round
         super().run()
+
+    async def _take_traffic(self, future) -> None:
+        future.set_result(hivemind_traffic.take())
 
     def get_current_state(self):
         if self.state_provider is None:
@@ -255,6 +281,7 @@ class SwarmAverager(DecentralizedAverager):
         else:
             async for _ in runner:
                 raise ValueError("aux peers should not receive averaged tensors")
+        await runner.deltas_sent()
 
     # --- state download (runs in the averager's process) ------------------------------------------------
     async def _distrust(self, peer: str, future) -> None:

@@ -1,7 +1,7 @@
 """The hivemind transport: DHT records signed per peer, decentralized all-reduce, state download.
 
-This module and `hivemind_averager` (hivemind's averager, hardened for untrusted peers) are the only
-modules of swarm that import hivemind.
+This module, `hivemind_averager` (hivemind's averager, hardened for untrusted peers) and
+`hivemind_traffic` (its byte counters) are the only modules of swarm that import hivemind.
 """
 
 from __future__ import annotations
@@ -136,7 +136,7 @@ class HivemindTransport:
 
     def __init__(self, *, host: str = "0.0.0.0", port: int = 0, initial_peers: list[str] | None = None,
                  identity: Path | None = None, client_mode: bool = False, log_file: Path | None = None,
-                 swarm_key: SwarmKey | None = None) -> None:
+                 swarm_key: SwarmKey | None = None, announce: list[str] | None = None) -> None:
         from swarm.lifecycle import guard
 
         guard()  # hivemind's DHT, averager and p2pd end with this process, however it ends
@@ -154,7 +154,7 @@ class HivemindTransport:
         try:
             self.dht = hivemind.DHT(
                 initial_peers=initial_peers or None, start=True, record_validators=validators,
-                host_maddrs=[f"/{ip}/{host}/tcp/{port}"], nat_port_map=not loopback,
+                host_maddrs=[f"/{ip}/{host}/tcp/{port}"], announce_maddrs=announce or None, nat_port_map=not loopback,
                 use_relay=not loopback, auto_nat=not loopback, startup_timeout=30, client_mode=client_mode,
             )
         except Exception as e:  # p2pd's errors are long; the first line says what went wrong
@@ -184,6 +184,7 @@ class HivemindTransport:
         self._averager.swarm_key = self.swarm_key  # refuses non-members in matchmaking and state download
         self._averager.run_in_background(await_ready=True)
         self._group_size = 2
+        self._traffic = (0, 0)  # averaging bytes (sent, received) not yet reported in a ReduceResult
         self._p2p_of: dict[str, str] = {}  # swarm peer id -> libp2p peer id, learned from signed gathers
         self._banned: set[str] = set()
 
@@ -239,6 +240,8 @@ class HivemindTransport:
             raise TransportError(f"all-reduce failed: {type(e).__name__}: {e}") from None
         finally:
             rejections = self._averager._call("_take_rejections")
+            sent, received = self._averager._call("_take_traffic")  # failed attempts count in the next result
+            self._traffic = (self._traffic[0] + sent, self._traffic[1] + received)
         if not gathered:
             raise TransportError("all-reduce failed: no group formed before the deadline")
         with self._averager.get_tensors() as tensors:
@@ -255,7 +258,9 @@ class HivemindTransport:
             raise TransportError(f"all-reduce failed: the announcement of member(s) {', '.join(forged)} is not signed "
                                  "by a swarm key for their libp2p id (or names a peer twice)")
         by_owner = {owner: rejections[p2p] for owner, p2p in self._p2p_of.items() if p2p in rejections}
-        return ReduceResult(vector=result, gathered=members, seconds=time.perf_counter() - start, rejections=by_owner)
+        (sent, received), self._traffic = self._traffic, (0, 0)
+        return ReduceResult(vector=result, gathered=members, seconds=time.perf_counter() - start, rejections=by_owner,
+                            bytes_sent=sent, bytes_received=received)
 
     def reducing(self) -> bool:
         control = getattr(self, "_control", None)
