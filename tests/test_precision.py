@@ -209,6 +209,50 @@ def test_auto_picks_the_most_precise_option_that_fits_then_checkpointing():
     assert HAS_BNB <= (c.precision == "nf4" and c.gradient_checkpointing)
     forced = settings("fp32", "cpu")
     assert choose(forced, ("fp32", "bf16"), fits_bf16).precision == "fp32"  # forced is kept
+    none = choose(req, ("fp32", "bf16"), lambda p, ckpt: False)  # nothing fits: the least it needs, to advertise
+    assert (none.precision, none.gradient_checkpointing) == ("bf16", True)
+
+
+def _fit_table():
+    """(case, platform, framework, allowed, usable bytes, precision, checkpointing, fits) against the memory model."""
+    from swarm.memory import NAMED_SHAPES, estimate
+
+    shape = NAMED_SHAPES["1B"]
+    kw = dict(lora_r=8, lora_targets=None, micro_batch=1, seq_len=512)
+
+    def need(p, ckpt=False, backend="cuda"):
+        return estimate(shape, "qlora" if p == "nf4" else "lora", grad_checkpointing=ckpt, backend=backend,
+                        dtype={"fp32": "float32", "nf4": "bfloat16"}.get(p, "bfloat16"), **kw).total
+
+    rows = [
+        ("roomy: fp32", "cuda", "torch", ALL, need("fp32"), "fp32", False, True),
+        ("a byte short of fp32: bf16", "cuda", "torch", ALL, need("fp32") - 1, "bf16", False, True),
+        ("16-bit too big: 4-bit", "cuda", "torch", ALL, need("nf4"), "nf4", False, True),
+        ("4-bit too big: 4-bit with checkpointing", "cuda", "torch", ALL, need("nf4") - 1, "nf4", True, True),
+        ("the run allows only fp32: fp32 with checkpointing", "cuda", "torch", ("fp32",), need("fp32") - 1, "fp32", True, True),
+        ("nothing fits: the least it needs, advertised", "cuda", "torch", ALL, need("nf4", True) - 1, "nf4", True, False),
+        ("mlx: its own 4-bit format and runtime", "mlx", "mlx", ("fp32", "nf4"), need("nf4", backend="mlx"), "nf4", False, True),
+    ]
+    if not HAS_BNB:
+        rows = [r for r in rows if r[5] != "nf4" or r[2] == "mlx"]
+    if not HAS_MLX:
+        rows = [r for r in rows if r[2] != "mlx"]
+    return rows
+
+
+ALL = ("fp32", "bf16", "fp16", "nf4")
+
+
+@pytest.mark.parametrize("case,platform,framework,allowed,usable,precision,ckpt,fits", _fit_table(), ids=lambda v: v if isinstance(v, str) and " " in v else "")
+def test_fit_picks_the_most_precise_option_that_fits(case, platform, framework, allowed, usable, precision, ckpt, fits):
+    from swarm.config import LoraConfig, RunConfig, TrainConfig
+    from swarm.memory import NAMED_SHAPES
+    from swarm.precision import fit
+
+    run = RunConfig(lora=LoraConfig(r=8, target_modules=None), train=TrainConfig(seq_len=512, micro_batch=4, precisions=allowed))
+    f = fit(settings("auto", platform, framework), run, NAMED_SHAPES["1B"], usable)
+    assert (f.settings.precision, f.settings.gradient_checkpointing, f.max_micro_batch >= 1) == (precision, ckpt, fits)
+    assert (f.needed_bytes <= usable) == fits
 
 
 def test_advert_carries_precision_and_tolerates_new_names():
@@ -223,3 +267,26 @@ def test_advert_carries_precision_and_tolerates_new_names():
         parse_advert({**base, "precisions": ["x" * 50]})
     with pytest.raises(RecordError):
         parse_advert({**base, "checkpointing": "yes"})
+
+
+@pytest.mark.slow
+def test_a_peer_that_fits_no_allowed_option_is_excluded_and_status_says_why(peers):
+    """Real processes: a peer whose --memory-limit fits no option says why in one line (exit 2); its last advert
+    keeps it in swarm.status as excluded, with the planner's reason, while the swarm trains on."""
+    import json
+
+    peers.start("a", "--config", TINY, "--max-rounds", "1000")
+    addrs = peers.addrs("a")
+    peers.start("small", "--config", TINY, "--memory-limit", "0.2", initial_peers=addrs)
+    assert peers.wait("small", 120) == 2
+    last = peers.log("small").strip().splitlines()[-1]
+    assert last.startswith("error: this machine cannot train run 'tiny'") and "fits no allowed option: micro-batch 1 needs" in last
+    least = "nf4 with gradient checkpointing" if HAS_BNB else "bf16 with gradient checkpointing"
+    assert least in last and "0.21 GB usable" in last, last
+    snap = json.loads(run_cli("swarm.status", "--initial-peers", *addrs, "--json", timeout=60).stdout)
+    (run,) = snap["runs"]
+    by_state = {p["state"]: p for p in run["peers"]}
+    small = by_state["excluded"]
+    assert small["excluded"] == "does_not_fit" and small["why"] in last and small["precision"] == least.split()[0]
+    assert small["peer_id"] in {e["peer_id"] for e in run["plan"]["excluded"]}
+    assert {p["state"] for p in run["peers"]} == {"excluded", "training"} and len(run["peers"]) == 2

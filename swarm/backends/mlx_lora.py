@@ -103,8 +103,9 @@ def load_lora_model(run: RunConfig, model_dir: Path, precision: PrecisionSetting
     prec = precision or PrecisionSettings(framework="mlx")
     model_type = _model_type(model_dir)
     if model_type is not None and not covers(model_type):
-        raise SwarmError(f"mlx-lm {_version()} has no model class for model_type {model_type!r} (it covers Llama, Qwen2/3, "
-                         "Mistral, Gemma, Phi-3, GPT-2 and many more): use --backend torch for this model")
+        raise SwarmError(f"mlx-lm cannot load the model at {model_dir}: mlx-lm {_version()} has no model class for model_type "
+                         f"{model_type!r} (it covers Llama, Qwen2/3, Mistral, Gemma, Phi-3, GPT-2 and many more): "
+                         "use --backend torch for this model")
     try:
         loaded = load_model(model_dir, strict=True)
         model = loaded[0] if isinstance(loaded, tuple) else loaded  # older mlx-lm returns the model alone
