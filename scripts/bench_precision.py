@@ -106,6 +106,8 @@ def part1(args) -> None:
         print(f"model: Qwen2 family, {params / 1e6:.0f}M params (random), micro-batch {args.micro_batch} x seq {args.seq_len}, "
               f"{args.steps} steps each")
         rows = []
+        print(f"{'backend/base':12} {'peak RSS':>10} {'predicted':>10} {'meas/pred':>9} {'tokens/s':>9} {'RSS/fp32':>9} {'tok/s/fp32':>10}",
+              flush=True)
         for fw, prec in [("torch", p) for p in ("fp32", "bf16", "nf4")] + [("mlx", p) for p in args.mlx]:
             label = f"{fw} {'4-bit' if fw == 'mlx' and prec == 'nf4' else prec}"
             if not support(prec, "cpu", fw).ok:
@@ -120,16 +122,13 @@ def part1(args) -> None:
                 print(f"{label}: failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
                 continue
             m = json.loads(proc.stdout.strip().splitlines()[-1])
-            rows.append((label, fw, m, predicted(model, prec, args.micro_batch, args.seq_len, fw)))
-        print(f"{'backend/base':12} {'peak RSS':>10} {'predicted':>10} {'meas/pred':>9} {'tokens/s':>9} {'RSS/fp32':>9} {'tok/s/fp32':>10}")
-        for label, fw, m, pred in rows:  # ratios to the same framework's fp32 row
-            base = next((b for lb, f, b, _ in rows if f == fw and lb.endswith("fp32")), None)
+            pred = predicted(model, prec, args.micro_batch, args.seq_len, fw)
+            rows.append((label, fw, m))
+            base = next((b for lb, f, b in rows if f == fw and lb.endswith("fp32")), None)  # the same framework's fp32
             rss, tps = m["peak_rss_bytes"], m["tokens_per_s"]
             print(f"{label:12} {rss / 2**20:8.0f}MB {pred / 2**20:8.0f}MB {rss / pred:9.2f} {tps:9.1f} "
-                  f"{rss / base['peak_rss_bytes'] if base else float('nan'):9.2f} {tps / base['tokens_per_s'] if base else float('nan'):10.2f}")
-
-
-TINY = ROOT / "configs" / "tiny.yaml"
+                  f"{rss / base['peak_rss_bytes'] if base else float('nan'):9.2f} "
+                  f"{tps / base['tokens_per_s'] if base else float('nan'):10.2f}", flush=True)
 
 
 def run_testbed(out: Path, rounds: int, *flags: str) -> dict:
