@@ -50,7 +50,7 @@ def round_one_wait(adverts: list["CapabilityAdvert"], *, me: str, min_peers: int
     ready peers, and for visible peers still loading their model (at most `max_wait` s), never once another
     peer already trains round 1."""
     others = [a for a in adverts if a.peer_id != me and not a.paused]
-    ready = sum(1 for a in adverts if not a.paused and not a.loading and a.start_round <= 1)
+    ready = sum(1 for a in adverts if not a.paused and not a.loading and a.start_round <= 1 and a.max_micro_batch >= 1)
     loading = sum(1 for a in others if a.loading)
     if any(a.training_round >= 1 for a in others if not a.loading):
         return False, ready, loading

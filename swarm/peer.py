@@ -158,35 +158,22 @@ class Peer(StateSync):
 
     def _load_model(self) -> None:
         from swarm.backends import load_backend
-        from swarm.memory import ModelShape, max_micro_batch
-
-        from swarm.precision import DTYPE, choose
+        from swarm.memory import ModelShape
+        from swarm.precision import fit
 
         run = self.run
         shape = ModelShape.from_config(self.model_config_json)
-
-        def fits(p: str, ckpt: bool) -> bool:
-            return max_micro_batch(self.hw.memory_usable_bytes, shape, limit=1, method="qlora" if p == "nf4" else "lora",
-                                   lora_r=run.lora.r, lora_targets=run.lora.target_modules, seq_len=run.train.seq_len,
-                                   grad_checkpointing=ckpt, dtype=DTYPE[p], backend=self.hw.backend) >= 1
-
         # this peer's own choice, from the run's allowed list and its own memory (the plan then uses its advert)
-        self.precision = prec = choose(self.precision, run.train.precisions, fits)
-        self.max_micro_batch = max_micro_batch(self.hw.memory_usable_bytes, shape, limit=run.train.micro_batch, method=prec.method,
-                                               lora_r=run.lora.r, lora_targets=run.lora.target_modules,
-                                               seq_len=run.train.seq_len, dtype=prec.dtype, backend=self.hw.backend,
-                                               grad_checkpointing=prec.gradient_checkpointing)
-        if self.max_micro_batch < 1:
-            from swarm.memory import estimate
-            from swarm.planner import fit_reason
-
-            need = estimate(shape, prec.method, lora_r=run.lora.r, lora_targets=run.lora.target_modules, micro_batch=1,
-                            seq_len=run.train.seq_len, dtype=prec.dtype, backend=self.hw.backend).total
+        f = fit(self.precision, run, shape, self.hw.memory_usable_bytes)
+        self.precision, self.max_micro_batch, self.memory_needed = f.settings, f.max_micro_batch, f.needed_bytes
+        if self.max_micro_batch < 1:  # a last advert: plans exclude it, saying why (swarm.status shows it) until it expires
+            self.loading = False
+            self._advertise()
             raise SwarmError(f"this machine cannot train run {run.name!r} ({shape.param_count() / 1e6:.0f}M params): "
-                             f"{fit_reason(need, self.hw.memory_usable_bytes)}")
+                             f"{plan_round(run, [self._advert()], 1).exclusion_for(self.me).detail}")
         name = self.settings.backend if self.settings.backend != "auto" else ("mlx" if self.hw.backend == "mlx" else "torch")
-        extra = {"precision": self.precision} if name == "torch" else {}
-        self.backend = load_backend(name, run=run, model_dir=self.model_dir, threads=self.settings.threads, seed=self.settings.seed, **extra)
+        self.backend = load_backend(name, run=run, model_dir=self.model_dir, threads=self.settings.threads, seed=self.settings.seed,
+                                    precision=self.precision)
         self.names = self.backend.adapter_names()
         adapter = self.backend.get_adapter()
         self.shapes = {n: tuple(adapter[n].shape) for n in self.names}
@@ -259,7 +246,8 @@ class Peer(StateSync):
             max_micro_batch=self.max_micro_batch, start_round=self.start_round, paused=self.paused,
             loading=self.loading, training_round=self.training_round, plan_id=self.plan_id,
             precision=self.precision.precision, precisions=list(self.precision.runnable()),
-            checkpointing=self.precision.gradient_checkpointing, timestamp=self.transport.now())
+            checkpointing=self.precision.gradient_checkpointing, memory_needed_bytes=getattr(self, "memory_needed", 0),
+            timestamp=self.transport.now())
 
     def _advertise(self) -> None:
         self.members.advertise(self._advert())

@@ -11,10 +11,13 @@ agreement: averaging is weighted by the tokens each peer actually trained.
 How a plan is made (mode "negotiated"; "uniform" differs only in step 3):
 
 1. Eligibility. An advert takes part when its run is this run, it is not paused or loading, its
-   `start_round` <= round, its `max_micro_batch` >= 1 and its effective speed
-   (`throughput_tokens_per_s * max_utilization`) is at least `MIN_TOKENS_PER_S`. Every other
-   advert is listed in `excluded` with a reason code and a one-line detail. If a peer id appears
-   twice, the advert with the newest timestamp counts (ties: the larger canonical JSON).
+   `start_round` <= round, its platform runs one of the run's allowed base precisions
+   (`train.precisions`) and it trains in one of them, its `max_micro_batch` >= 1 (it fits its memory
+   in that precision, swarm.precision.fit) and its effective speed (`throughput_tokens_per_s *
+   max_utilization`) is at least `MIN_TOKENS_PER_S`. Every other advert is listed in `excluded`
+   with a reason code and a one-line detail (a peer that fits no allowed option: `does_not_fit`,
+   naming the least it needs, as it advertised). If a peer id appears twice, the advert with the
+   newest timestamp counts (ties: the larger canonical JSON).
 2. Budget. `S = max(1, round_half_up(tokens_per_round / seq_len))` whole sequences; if there are
    more eligible peers than that, `S = n` (every peer gets one sequence and the round exceeds its
    budget by the difference). `total_tokens = sum(quota_tokens)` is exactly `S * seq_len`.
@@ -51,10 +54,12 @@ from fractions import Fraction
 from typing import Any, Literal
 
 from swarm.config import RunConfig
+from swarm.precision import PRECISIONS
 from swarm.records import CapabilityAdvert
 
 Mode = Literal["negotiated", "uniform"]
-ExclusionReason = Literal["wrong_run", "paused", "loading", "not_started", "does_not_fit", "no_throughput"]
+ExclusionReason = Literal["wrong_run", "paused", "loading", "not_started", "no_precision", "precision_not_allowed",
+                          "does_not_fit", "no_throughput"]
 
 DEFAULT_SLACK = 1.5
 DEFAULT_MARGIN_SECONDS = 2.0
@@ -170,7 +175,11 @@ def _effective_speed(a: CapabilityAdvert) -> float:
     return a.throughput_tokens_per_s * a.max_utilization
 
 
-def _exclusion(a: CapabilityAdvert, run: str, round: int) -> Exclusion | None:
+def _precision_label(a: CapabilityAdvert) -> str:
+    return a.precision + (" with gradient checkpointing" if a.checkpointing else "")
+
+
+def _exclusion(a: CapabilityAdvert, run: str, round: int, allowed: tuple[str, ...]) -> Exclusion | None:
     if a.run != run:
         return Exclusion(a.peer_id, "wrong_run", f"advertises run {a.run!r}, not {run!r}")
     if a.paused:
@@ -179,7 +188,17 @@ def _exclusion(a: CapabilityAdvert, run: str, round: int) -> Exclusion | None:
         return Exclusion(a.peer_id, "loading", "still loading its model")
     if a.start_round > round:
         return Exclusion(a.peer_id, "not_started", f"starts at round {a.start_round}")
+    if not set(a.precisions) & set(allowed):
+        return Exclusion(a.peer_id, "no_precision", f"runs none of the base precisions the run allows "
+                                                    f"({', '.join(allowed)}); its platform runs {', '.join(a.precisions) or 'none'}")
+    if a.precision not in allowed:
+        return Exclusion(a.peer_id, "precision_not_allowed", f"trains in {a.precision}, which the run does not allow "
+                                                             f"({', '.join(allowed)})")
     if a.max_micro_batch < 1:
+        if a.memory_needed_bytes:
+            return Exclusion(a.peer_id, "does_not_fit", f"fits no allowed option: micro-batch 1 needs "
+                                                        f"{a.memory_needed_bytes / GB:.2f} GB as {_precision_label(a)}, "
+                                                        f"it has {a.memory_usable_bytes / GB:.2f} GB usable")
         return Exclusion(a.peer_id, "does_not_fit", f"micro-batch 1 does not fit its {a.memory_usable_bytes / GB:.1f} GB usable memory")
     speed = _effective_speed(a)
     if speed < MIN_TOKENS_PER_S:
@@ -206,10 +225,11 @@ def _dedupe(adverts: Iterable[CapabilityAdvert]) -> list[CapabilityAdvert]:
     return [best[pid][2] for pid in sorted(best)]
 
 
-def _split(run: str, adverts: Iterable[CapabilityAdvert], round: int) -> tuple[list[CapabilityAdvert], list[Exclusion]]:
+def _split(run: str, adverts: Iterable[CapabilityAdvert], round: int,
+           allowed: tuple[str, ...]) -> tuple[list[CapabilityAdvert], list[Exclusion]]:
     eligible, excluded = [], []
     for a in _dedupe(adverts):
-        e = _exclusion(a, run, round)
+        e = _exclusion(a, run, round, allowed)
         if e is None:
             eligible.append(a)
         else:
@@ -313,7 +333,7 @@ def plan_round(
         raise ValueError(f"previous_round_seconds must be finite and >= 0, got {previous_round_seconds}")
 
     seq_len = run.train.seq_len
-    eligible, excluded = _split(run.name, adverts, round)
+    eligible, excluded = _split(run.name, adverts, round, tuple(run.train.precisions))
     if not eligible:
         tasks: tuple[PeerTask, ...] = ()
         return RoundPlan(
@@ -373,7 +393,8 @@ def plan_round(
     )
 
 
-def needs_replan(old_plan: RoundPlan, adverts: Iterable[CapabilityAdvert], round: int, drift: float = 0.25) -> bool:
+def needs_replan(old_plan: RoundPlan, adverts: Iterable[CapabilityAdvert], round: int, drift: float = 0.25,
+                 allowed: tuple[str, ...] = PRECISIONS) -> bool:
     """True when `old_plan` no longer describes the swarm at `round`.
 
     That is: the set of eligible peers changed (join, leave, advert expiry, pause, a peer that
@@ -383,7 +404,7 @@ def needs_replan(old_plan: RoundPlan, adverts: Iterable[CapabilityAdvert], round
     """
     if not (math.isfinite(drift) and drift >= 0):
         raise ValueError(f"drift must be finite and >= 0, got {drift}")
-    eligible, _ = _split(old_plan.run, adverts, round)
+    eligible, _ = _split(old_plan.run, adverts, round, allowed)
     if tuple(a.peer_id for a in eligible) != old_plan.peer_ids:
         return True
     for a, t in zip(eligible, old_plan.tasks):

@@ -12,9 +12,14 @@ Names (the contract of `--precision`):
   fp32  float32 base weights: every platform.
   bf16  bfloat16 base weights: every torch device (CPU included: slower, half the memory).
   fp16  float16 base weights: GPU only (CUDA/ROCm/MPS); CPU float16 matmuls are slow and lossy.
-  nf4   4-bit NormalFloat base linears (QLoRA): torch needs bitsandbytes (bnb_4bit_use_double_quant,
-        compute in bf16). The mlx backend trains fp32 bases only so far (bf16 and mlx-lm's 4-bit
-        `QuantizedLinear` are still to build).
+  nf4   a 4-bit base (QLoRA). torch: bitsandbytes 4-bit NormalFloat linears (bnb_4bit_use_double_quant,
+        compute in bf16). mlx: mlx-lm's QLoRA, `nn.QuantizedLinear` 4-bit affine with a scale and bias
+        per group of 64 (MLX has no NormalFloat). One name on purpose: a run's `train.precisions` and
+        the planner choose a memory tier (a 4-bit base), not a quantization codebook; both store ~4.5
+        bits per weight (swarm.memory.QUANT_BYTES_PER_PARAM has each one's exact figure), and either
+        one's adapter is the same fp32 adapter. A run that wants no 4-bit peer leaves nf4 out.
+
+The mlx backend runs fp32, bf16 and nf4 (mlx-lm 4-bit); fp16 is torch-on-GPU only.
 
 `supported(platform)` returns every name with whether it runs here and why (detected settings
 carry their reason), `check(...)` turns a forced precision the peer cannot run into one line
@@ -59,9 +64,13 @@ def support(precision: str, platform: str, framework: str = "torch") -> Support:
     if framework == "mlx":
         if not _has("mlx"):
             return Support(precision, False, 'mlx is not installed: pip install -e ".[mlx]"')
-        if precision != "fp32":  # bf16 and 4-bit QuantizedLinear on mlx: not built yet
-            return Support(precision, False, f"the mlx backend trains fp32 bases only so far: use --backend torch for {precision}")
-        return Support(precision, True, "mlx float32")
+        if precision == "fp16":
+            return Support(precision, False, "the mlx backend trains fp32, bf16 and nf4 (4-bit) bases: use one of those, "
+                                             "or --backend torch on a GPU for fp16")
+        if precision == "nf4" and not _has("mlx_lm"):
+            return Support(precision, False, 'nf4 on mlx needs mlx-lm: pip install -e ".[mlx]"')
+        return Support(precision, True, {"fp32": "mlx float32", "bf16": "mlx bfloat16",
+                                         "nf4": "mlx-lm 4-bit QuantizedLinear, group 64 (MLX's QLoRA)"}[precision])
     if precision == "fp32":
         return Support(precision, True, "every platform")
     if precision == "bf16":
@@ -104,6 +113,12 @@ class PrecisionSettings:
         """The memory model's method (swarm.memory.estimate): a 4-bit base is QLoRA."""
         return "qlora" if self.precision == "nf4" else "lora"
 
+    @property
+    def memory_backend(self) -> str:
+        """swarm.memory's backend for this peer: 'mlx' with the mlx framework (its runtime, its 4-bit format), else
+        the hardware platform."""
+        return "mlx" if self.framework == "mlx" else self.platform
+
     def runnable(self) -> tuple[str, ...]:
         """The precisions this peer's platform can run (advertised)."""
         return tuple(p for p in PRECISIONS if support(p, self.platform, self.framework).ok)
@@ -117,7 +132,8 @@ def choose(settings_: PrecisionSettings, allowed: tuple[str, ...], fits) -> Prec
     """With --precision auto: the most precise allowed option this peer runs whose micro-batch 1 fits its memory,
     first without, then with gradient checkpointing (`fits(precision, checkpointing) -> bool`, the memory model).
     A forced precision is kept as is. Pure: the same request, list and memory give the same choice on every peer.
-    If nothing fits, the most precise runnable option is returned (the peer then reports that it does not fit)."""
+    If nothing fits, the most compact runnable option with checkpointing is returned: the least this peer needs,
+    which it then advertises with max_micro_batch 0 (the planner excludes it naming that need)."""
     first = settings_.for_run(allowed)
     if settings_.requested != "auto":
         return first
@@ -128,7 +144,34 @@ def choose(settings_: PrecisionSettings, allowed: tuple[str, ...], fits) -> Prec
                 why = f"auto: the most precise allowed option that fits ({support(p, settings_.platform, settings_.framework).reason})"
                 return PrecisionSettings(p, why + (", with gradient checkpointing" if ckpt else ""), ckpt, "auto",
                                          settings_.platform, settings_.framework)
+    if runnable:
+        return PrecisionSettings(runnable[-1], "auto: no allowed option fits; the most compact one, with gradient checkpointing",
+                                 True, "auto", settings_.platform, settings_.framework)
     return first
+
+
+@dataclass(frozen=True)
+class Fit:
+    """What this peer trains a run in: its precision settings, the largest micro-batch (0: none fits) and the
+    memory micro-batch 1 needs in them (advertised, so the planner can say why a peer is left out)."""
+
+    settings: PrecisionSettings
+    max_micro_batch: int
+    needed_bytes: int
+
+
+def fit(settings_: PrecisionSettings, run, shape, usable_bytes: int) -> Fit:
+    """`choose` against the memory model (swarm.memory) for `run` (a RunConfig) on a model of `shape`. Pure."""
+    from swarm.memory import estimate, max_micro_batch
+
+    def kwargs(p: str, ckpt: bool) -> dict:
+        return dict(method="qlora" if p == "nf4" else "lora", lora_r=run.lora.r, lora_targets=run.lora.target_modules,
+                    seq_len=run.train.seq_len, grad_checkpointing=ckpt, dtype=DTYPE[p], backend=settings_.memory_backend)
+
+    chosen = choose(settings_, tuple(run.train.precisions), lambda p, ckpt: max_micro_batch(usable_bytes, shape, limit=1, **kwargs(p, ckpt)) >= 1)
+    k = kwargs(chosen.precision, chosen.gradient_checkpointing)
+    return Fit(chosen, max_micro_batch(usable_bytes, shape, limit=run.train.micro_batch, **k),
+               estimate(shape, micro_batch=1, **k).total)
 
 
 def settings(requested: str, platform: str, framework: str = "torch", allowed: tuple[str, ...] = PRECISIONS,

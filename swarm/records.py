@@ -62,6 +62,7 @@ class CapabilityAdvert(_Wire):
     precision: str = Field("fp32", pattern=r"^[a-z0-9]{1,8}$", description="base precision it trains in (swarm.precision)")
     precisions: list[str] = Field(["fp32"], max_length=8, description="base precisions its platform can run")
     checkpointing: bool = Field(False, description="whether it trains with gradient checkpointing")
+    memory_needed_bytes: int = Field(0, ge=0, le=64 * TB, description="what micro-batch 1 needs in its precision (0: not said)")
 
     @field_validator("precisions")
     @classmethod

@@ -48,7 +48,7 @@ def resolve_run(*, config: RunConfig | None, name: str | None, data: Path | None
     if not safe:
         raise SwarmError(f"no run in the swarm can be joined as is ({unadoptable(runs[min(runs)], data)}): "
                          "pass --config with your own copy of the run, or --data")
-    options = [RunOption(name=r.name, params=r.params, bytes_needed=bytes_needed(r, backend, precision)) for r in safe.values()]
+    options = [RunOption(name=r.name, params=r.params, bytes_needed=bytes_needed(r, backend, precision, memory_bytes)) for r in safe.values()]
     choice = choose_run(options, memory_bytes)
     if choice.run is None:
         raise SwarmError(choice.reason)
@@ -97,24 +97,19 @@ def run_from_record(record: RunRecord, data: Path | None) -> RunConfig:
     return local_data(run, data, from_network=True)
 
 
-def bytes_needed(record: RunRecord, backend: str, precision: "PrecisionSettings | None" = None) -> int:
-    """Memory to train the record's run at micro-batch 1, in the leanest base precision (with gradient
-    checkpointing) that the run allows and this peer can run; fp32 without a precision request. A record that
-    cannot be sized is never picked."""
+def bytes_needed(record: RunRecord, backend: str, precision: "PrecisionSettings | None" = None, memory_bytes: int = 0) -> int:
+    """Memory to train the record's run at micro-batch 1: with this peer's precision request, in the most precise
+    option the run allows that fits `memory_bytes` (else the most compact one: swarm.precision.fit); fp32 without
+    one. A record that cannot be sized, or whose allowed precisions this peer cannot run, is never picked."""
     from swarm.memory import ModelShape, estimate
-    from swarm.precision import DTYPE, support
+    from swarm.precision import fit
 
     try:
         run = RunConfig.model_validate(record.config)
         shape = ModelShape.from_config(record.model_config_json)
-        if precision is None:
-            options = [("fp32", False)]
-        else:
-            wanted = run.train.precisions if precision.requested == "auto" else (precision.requested,)
-            options = [(p, True) for p in wanted if p in run.train.precisions
-                       and support(p, precision.platform, precision.framework).ok]
-        return min(estimate(shape, "qlora" if p == "nf4" else "lora", lora_r=run.lora.r, lora_targets=run.lora.target_modules,
-                            micro_batch=1, seq_len=run.train.seq_len, dtype=DTYPE[p], backend=backend,
-                            grad_checkpointing=ckpt).total for p, ckpt in options)
+        if precision is not None:
+            return fit(precision, run, shape, memory_bytes).needed_bytes
+        return estimate(shape, "lora", lora_r=run.lora.r, lora_targets=run.lora.target_modules, micro_batch=1,
+                        seq_len=run.train.seq_len, dtype="float32", backend=backend).total
     except Exception:
         return 1 << 62

@@ -5,9 +5,12 @@ per run the plan every peer derives for its next round. `--json` prints the same
   {"time": float, "runs": [{"name", "model", "params", "base_sha256", "fingerprint", "round",
     "plan": RoundPlan.to_dict(), "peers": [{"peer_id", "tier", "backend", "device", "memory_usable_bytes",
     "memory_total_bytes", "tokens_per_s", "max_utilization", "max_micro_batch", "micro_batch", "quota_tokens",
-    "round", "last_seen_s", "state", "loss", "precision", "why"}]}]}
-A peer's state is training, waiting (not in the next plan), joining, paused, leaving, or banned: its records
-fail validation, so every peer drops them and no plan includes it (`why` says what is wrong with them).
+    "round", "last_seen_s", "state", "loss", "precision", "excluded", "why"}]}]}
+A peer's state is training, waiting (not in the next plan), joining, paused, leaving, excluded (the plan leaves it
+out for what it advertises: it fits no precision the run allows in its memory, runs none of them, or has no
+speed; `excluded` is the planner's reason code, `why` its one line), or banned: its records fail validation, so
+every peer drops them and no plan includes it (`why` says what is wrong with them). The table lists each
+excluded or banned peer's `why` under it.
 `--serve` shows the same live in a browser (swarm.dashboard).
 """
 
@@ -19,6 +22,10 @@ import time
 
 from swarm.cli import Parser
 from swarm import SwarmError
+
+
+#: The planner's reasons that say a peer cannot take part as it is (not that it is pausing, loading or starting later).
+EXCLUDED = ("no_precision", "precision_not_allowed", "does_not_fit", "no_throughput")
 
 
 def collect(members, now: float) -> dict:
@@ -44,6 +51,9 @@ def collect(members, now: float) -> dict:
             state = "paused" if a.paused else (p.state if p else "joining")
             if task is None and state == "training":
                 state = "waiting"
+            ex = plan.exclusion_for(a.peer_id) if plan is not None else None
+            if ex is not None and ex.reason in EXCLUDED:
+                state = "excluded"
             if a.peer_id in banned:
                 state = "banned"
             peers.append({
@@ -54,7 +64,8 @@ def collect(members, now: float) -> dict:
                 "max_micro_batch": a.max_micro_batch, "micro_batch": task.micro_batch if task else 0,
                 "quota_tokens": task.quota_tokens if task else 0, "round": p.round if p else 0,
                 "last_seen_s": round(max(0.0, now - max(a.timestamp, p.timestamp if p else 0.0)), 1),
-                "state": state, "loss": p.loss if p else None, "why": banned.get(a.peer_id),
+                "state": state, "loss": p.loss if p else None, "excluded": ex.reason if ex else None,
+                "why": banned.get(a.peer_id) or (ex.detail if state == "excluded" else None),
             })
         shown = {a.peer_id for a in adverts}
         peers += [_banned_only(peer, why) for peer, why in sorted(banned.items()) if peer not in shown]
@@ -111,7 +122,7 @@ def _banned_only(peer: str, why: str) -> dict:
     """A peer known only by records the swarm drops (every peer does: it is planned in by nobody)."""
     return {"peer_id": peer, "tier": "-", "backend": "-", "device": "-", "precision": None, "memory_usable_bytes": 0,
             "memory_total_bytes": 0, "tokens_per_s": 0.0, "max_utilization": 0.0, "max_micro_batch": 0, "micro_batch": 0,
-            "quota_tokens": 0, "round": 0, "last_seen_s": None, "state": "banned", "loss": None, "why": why}
+            "quota_tokens": 0, "round": 0, "last_seen_s": None, "state": "banned", "loss": None, "excluded": None, "why": why}
 
 
 def render(snapshot: dict, console=None) -> None:
@@ -122,6 +133,9 @@ def render(snapshot: dict, console=None) -> None:
         console.print("no runs in this swarm yet")
     for run in snapshot["runs"]:
         console.print(table(run, console))
+        for p in run["peers"]:  # the reason in full, one line each (the table is too narrow for it)
+            if p.get("why") and p["state"] in ("excluded", "banned"):
+                console.print(f"{p['peer_id'][:8]} {p['state']}: {p['why']}", soft_wrap=True, highlight=False, markup=False)
 
 
 def main(argv=None) -> int:

@@ -25,11 +25,11 @@ def run_config(tokens_per_round=6144, seq_len=128, micro_batch=8, name="default"
     return RunConfig(name=name, train=TrainConfig(tokens_per_round=tokens_per_round, seq_len=seq_len, micro_batch=micro_batch))
 
 
-def advert(peer_id, speed=1000.0, util=1.0, mmb=8, run="default", start=0, paused=False, ts=1.0, usable=4 * GB):
+def advert(peer_id, speed=1000.0, util=1.0, mmb=8, run="default", start=0, paused=False, ts=1.0, usable=4 * GB, **kw):
     return CapabilityAdvert(
         peer_id=peer_id, run=run, backend="cpu", device="test", tier="test",
         memory_total_bytes=usable, memory_usable_bytes=usable, throughput_tokens_per_s=speed,
-        max_utilization=util, max_micro_batch=mmb, start_round=start, paused=paused, timestamp=ts,
+        max_utilization=util, max_micro_batch=mmb, start_round=start, paused=paused, timestamp=ts, **kw,
     )  # fmt: skip
 
 
@@ -197,6 +197,41 @@ def test_excluded_with_reason(case, bad, reason):
     assert (e.peer_id, e.reason) == ("x", reason) and e.detail
     assert plan.task_for("x") is None and plan.exclusion_for("x") == e
     assert plan.to_dict()["excluded"] == [{"peer_id": "x", "reason": reason, "detail": e.detail}]
+
+
+ALL = ("fp32", "bf16", "fp16", "nf4")
+# (case, the run's train.precisions, the advert's fields, reason code or None (planned in), words of the detail)
+PRECISION_TABLE = [
+    ("fp32 peer, run allows all", ALL, {}, None, ""),
+    ("4-bit peer that fits", ALL, dict(precision="nf4", precisions=["fp32", "bf16", "nf4"]), None, ""),
+    ("4-bit with checkpointing that fits", ("nf4",), dict(precision="nf4", precisions=["nf4"], checkpointing=True), None, ""),
+    ("names a newer peer adds are no obstacle", ALL, dict(precisions=["fp32", "fp8"]), None, ""),
+    ("runs none of the allowed", ("nf4",), dict(precisions=["fp32", "bf16"]), "no_precision",
+     "allows (nf4); its platform runs fp32, bf16"),
+    ("trains in one the run does not allow", ("bf16", "nf4"), dict(precision="fp32", precisions=["fp32", "bf16"]),
+     "precision_not_allowed", "trains in fp32, which the run does not allow (bf16, nf4)"),
+    ("a newer peer's unknown precision", ("fp32",), dict(precision="fp8", precisions=["fp8", "fp32"]),
+     "precision_not_allowed", "trains in fp8"),
+    ("fits no allowed option: the least it needs", ALL,
+     dict(precision="nf4", precisions=["fp32", "bf16", "nf4"], checkpointing=True, mmb=0, usable=2 * GB,
+          memory_needed_bytes=int(2.5 * GB)),
+     "does_not_fit", "fits no allowed option: micro-batch 1 needs 2.50 GB as nf4 with gradient checkpointing, it has 2.00 GB usable"),
+    ("an older peer that says no need", ALL, dict(mmb=0, usable=1 * GB), "does_not_fit", "does not fit its 1.0 GB usable memory"),
+]
+
+
+@pytest.mark.parametrize("case,allowed,fields,reason,words", PRECISION_TABLE, ids=[c[0] for c in PRECISION_TABLE])
+def test_precision_eligibility(case, allowed, fields, reason, words):
+    run = RunConfig(train=TrainConfig(precisions=allowed))
+    plan = plan_round(run, [advert("a", precision=allowed[0], precisions=list(allowed)), advert("x", **fields)], 2)
+    check_invariants(plan, run)
+    assert plan.task_for("a") is not None
+    e = plan.exclusion_for("x")
+    assert (e.reason if e else None) == reason and (plan.task_for("x") is None) == (reason is not None)
+    assert words in (e.detail if e else "")
+    # needs_replan agrees with the plan on who is eligible under the run's list
+    assert not needs_replan(plan, [advert("a", precision=allowed[0], precisions=list(allowed)), advert("x", **fields)], 2,
+                            allowed=allowed)
 
 
 def test_start_round_reached():

@@ -30,15 +30,16 @@ class _Members:
         return dict(self._runs)
 
 
-def test_a_joiner_sizes_a_run_in_the_leanest_precision_it_can_run():
+def test_a_joiner_sizes_a_run_in_the_precision_it_would_train():
     rec = _record()
     fp32 = bytes_needed(rec, "cpu")
-    nf4 = bytes_needed(rec, "cpu", PrecisionSettings(requested="auto", platform="cpu"))
-    forced = bytes_needed(rec, "cpu", PrecisionSettings(precision="fp32", requested="fp32", platform="cpu"))
-    assert nf4 < 0.35 * fp32          # a 7B in 4-bit: about a quarter of its fp32 weights
-    assert forced > nf4                # --precision fp32 is sized as fp32 (with checkpointing)
-    assert 3.5e9 < nf4 < 12e9          # 4-bit 7B weights are ~3.5 GB; the reference: QLoRA 7B fits a 12-16 GB machine
-    assert bytes_needed(_record(shape={"model_type": "nonsense"}), "cpu") == 1 << 62  # cannot size: never picked
+    auto = PrecisionSettings(requested="auto", platform="cpu")
+    small = bytes_needed(rec, "cpu", auto, 12 * 10 ** 9)      # fp32 and bf16 do not fit 12 GB: nf4 does
+    big = bytes_needed(rec, "cpu", auto, 64 * 10 ** 9)        # fp32 fits 64 GB: the most precise option is sized
+    forced = bytes_needed(rec, "cpu", PrecisionSettings(precision="fp32", requested="fp32", platform="cpu"), 12 * 10 ** 9)
+    assert small < 0.35 * fp32 and big == fp32 == forced
+    assert 3.5e9 < small < 12e9        # 4-bit 7B weights are ~3.5 GB; the reference: QLoRA 7B fits a 12-16 GB machine
+    assert bytes_needed(_record(shape={"model_type": "nonsense"}), "cpu", auto, 10 ** 12) == 1 << 62  # never picked
 
 
 def test_records_naming_local_paths_or_unsuppliable_data_are_not_adopted():

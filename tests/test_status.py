@@ -80,3 +80,11 @@ def test_bad_dashboard_flags_are_one_line_and_exit_2(args, message, capsys):
         main(["--initial-peers", addr, *args])
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1 and message in err, err
+
+
+def test_an_excluded_peer_shows_why_under_the_table():
+    why = "fits no allowed option: micro-batch 1 needs 2.50 GB as nf4 with gradient checkpointing, it has 2.00 GB usable"
+    text = _text(_snapshot([_peer(0), _peer(1, state="excluded", excluded="does_not_fit", why=why, quota_tokens=0)]), 80)
+    assert f"{_peer(1)['peer_id'][:8]} excluded: {why}" in " ".join(text.split()), text
+    row = next(line for line in text.splitlines() if line.startswith(_peer(1)["peer_id"][:8]))
+    assert "excluded" in row

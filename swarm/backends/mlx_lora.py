@@ -1,9 +1,17 @@
 """MLX LoRA backend (Apple Silicon GPU, or CPU via mlx[cpu] on Linux).
 
 The base model is built by mlx-lm's model classes from the same safetensors the torch backend reads
-(any HF directory whose `model_type` mlx-lm knows: Llama, Qwen2, Mistral, ...), cast to float32, frozen,
-and its target linears wrapped in mlx-lm's `LoRALinear`. Everything that leaves this module is in the
-canonical layout, converted only by `swarm.adapters.to_mlx` / `from_mlx`.
+(any HF directory whose `model_type` mlx-lm knows: Llama, Qwen2/3, Mistral, Gemma, Phi-3, GPT-2, ... ; an
+unknown one is a one-line error), cast to the peer's base precision, frozen, and its target linears wrapped
+in mlx-lm's `LoRALinear`. Everything that leaves this module is in the canonical layout, converted only by
+`swarm.adapters.to_mlx` / `from_mlx`.
+
+Base precisions (swarm.precision): fp32; bf16 (every float base weight in bfloat16); nf4, which on MLX is
+mlx-lm's QLoRA: the linear layers of the decoder blocks become `nn.QuantizedLinear` (4-bit affine, one
+scale and bias per group of 64 weights, 32 where a layer's input width needs it) via `nn.quantize`, the
+rest stays bfloat16. Whatever the base, `lora_a`/`lora_b`, their gradients and the AdamW moments are fp32
+(`LoRALinear` computes x @ lora_a in fp32 when the adapter is fp32 and casts the sum back to the
+activations' dtype), so the adapter every peer applies the averaged update to is the torch peers' adapter.
 
 Numerics follow the torch backend exactly in definition: loss = sum of token cross-entropies over
 ids[:, :-1] -> ids[:, 1:], gradients divided by total tokens; AdamW = torch.optim.AdamW (bias correction
@@ -28,8 +36,13 @@ from swarm import SwarmError
 from swarm.adapters import from_mlx, initial_adapter, module_of, scale, to_mlx
 from swarm.backends.base import Batch, OptimizerState, TrainResult, as_batch
 from swarm.config import RunConfig
+from swarm.precision import PrecisionSettings
 
 INSTALL_HINT = 'pip install -e ".[mlx]"'
+
+
+QUANT_BITS = 4
+QUANT_GROUPS = (64, 32)  #: group sizes tried in order; the memory model assumes 64 (swarm.memory)
 
 
 def _mlx_lm():
@@ -42,38 +55,82 @@ def _mlx_lm():
     return load_model, LoRALinear
 
 
+def covers(model_type: str) -> bool:
+    """Whether the installed mlx-lm has a model class for this HF `model_type` (its own remapping applied)."""
+    import importlib.util
+
+    from mlx_lm.utils import MODEL_REMAPPING
+
+    name = MODEL_REMAPPING.get(model_type, model_type)
+    return bool(name) and name.isidentifier() and importlib.util.find_spec(f"mlx_lm.models.{name}") is not None
+
+
+def _quantize_blocks(model: nn.Module) -> int:
+    """mlx-lm's QLoRA base: every float Linear inside the decoder blocks -> 4-bit QuantizedLinear. Returns how many."""
+    count = 0
+
+    def predicate(path: str, module: nn.Module):
+        nonlocal count
+        if type(module) is not nn.Linear or ".layers." not in f".{path}":
+            return False
+        group = next((g for g in QUANT_GROUPS if module.weight.shape[1] % g == 0), None)
+        if group is None:
+            return False  # an input width no group size divides stays bfloat16
+        count += 1
+        return {"group_size": group, "bits": QUANT_BITS}
+
+    nn.quantize(model, class_predicate=predicate)
+    return count
+
+
 def _targets(name: str, targets: tuple[str, ...] | None, module=None) -> bool:
     """peft's rule for a list of target_modules: the module path equals a target or ends with '.<target>'.
 
     None (peft's 'all-linear'): every float Linear inside the decoder layers (attention and MLP; not lm_head)."""
     if targets is None:
-        return type(module) is nn.Linear and ".layers." in f".{name}"
+        return type(module) in (nn.Linear, nn.QuantizedLinear) and ".layers." in f".{name}"
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
-def load_lora_model(run: RunConfig, model_dir: Path) -> tuple[nn.Module, dict[str, str]]:
-    """mlx-lm model from `model_dir`, fp32, frozen, LoRA on the run's target modules (lora_b = 0).
+def load_lora_model(run: RunConfig, model_dir: Path, precision: PrecisionSettings | None = None
+                    ) -> tuple[nn.Module, dict[str, str]]:
+    """mlx-lm model from `model_dir` in the peer's base precision, frozen, LoRA on the run's target modules.
 
     Returns the model and {mlx parameter path: canonical name} for every adapter tensor.
     """
     load_model, LoRALinear = _mlx_lm()
     model_dir = Path(model_dir)
+    prec = precision or PrecisionSettings(framework="mlx")
+    model_type = _model_type(model_dir)
+    if model_type is not None and not covers(model_type):
+        raise SwarmError(f"mlx-lm cannot load the model at {model_dir}: mlx-lm {_version()} has no model class for model_type "
+                         f"{model_type!r} (it covers Llama, Qwen2/3, Mistral, Gemma, Phi-3, GPT-2 and many more): "
+                         "use --backend torch for this model")
     try:
         loaded = load_model(model_dir, strict=True)
         model = loaded[0] if isinstance(loaded, tuple) else loaded  # older mlx-lm returns the model alone
     except (ValueError, KeyError, FileNotFoundError) as e:
         raise SwarmError(f"mlx-lm cannot load the model at {model_dir}: {str(e).splitlines()[0]}") from None
-    model.set_dtype(mx.float32)
+    model.set_dtype(mx.float32 if prec.precision == "fp32" else mx.bfloat16)
+    if prec.precision == "nf4":
+        _quantize_blocks(model)
     model.freeze()
     found = [(p, m) for p, m in model.named_modules() if _targets(p, run.lora.target_modules, m)]
     if not found:
         raise SwarmError(f"no module of the model at {model_dir} matches lora.target_modules {run.lora.target_modules}")
     wrapped = []
     for path, module in found:
-        if type(module) is not nn.Linear:
-            raise SwarmError(f"LoRA target {path} is a {type(module).__name__}, not a float Linear layer")
+        if type(module) not in (nn.Linear, nn.QuantizedLinear):
+            raise SwarmError(f"LoRA target {path} is a {type(module).__name__}, not a Linear layer")
         wrapped.append((path, LoRALinear.from_base(module, r=run.lora.r, dropout=0.0, scale=scale(run))))
     model.update_modules(tree_unflatten(wrapped))
+    if prec.gradient_checkpointing:  # mlx-lm's: every block recomputes its forward during backward
+        from mlx_lm.tuner.trainer import grad_checkpoint
+
+        block = type(model.layers[0])
+        if not getattr(block, "_swarm_checkpointed", False):  # it patches the class: once per process
+            grad_checkpoint(model.layers[0])
+            block._swarm_checkpointed = True
     names = {}
     for path, _ in found:
         for leaf in ("lora_a", "lora_b"):
@@ -81,6 +138,23 @@ def load_lora_model(run: RunConfig, model_dir: Path) -> tuple[nn.Module, dict[st
             names[f"{path}.{leaf}"] = canon
     _check_hf_paths(model_dir, {p for p, _ in found})
     return model, names
+
+
+def _model_type(model_dir: Path) -> str | None:
+    try:
+        t = json.loads((model_dir / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None  # load_model says what is wrong
+    return t if isinstance(t, str) else None
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("mlx-lm")
+    except PackageNotFoundError:
+        return "(unknown version)"
 
 
 def _check_hf_paths(model_dir: Path, modules: set[str]) -> None:
@@ -119,11 +193,13 @@ def _mlx_batch(batch: Batch | np.ndarray) -> tuple[mx.array, mx.array | None, in
 class MlxLoraBackend:
     name = "mlx"
 
-    def __init__(self, run: RunConfig, model_dir: Path, threads: int | None = None, seed: int = 0) -> None:
+    def __init__(self, run: RunConfig, model_dir: Path, threads: int | None = None, seed: int = 0,
+                 precision: PrecisionSettings | None = None) -> None:
         # `threads` is accepted for interface parity: mlx sizes its own CPU pool and runs on the GPU on Apple Silicon.
         self.run = run
         self.device = str(mx.default_device())
-        self.model, self._canon = load_lora_model(run, model_dir)
+        self.precision = precision or PrecisionSettings(framework="mlx")
+        self.model, self._canon = load_lora_model(run, model_dir, self.precision)
         self._mlx_of = {c: p for p, c in self._canon.items()}
         self._names = sorted(self._mlx_of)
         self._shapes = {p: tuple(a.shape) for p, a in tree_flatten(self.model.trainable_parameters())}
