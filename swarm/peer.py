@@ -445,7 +445,8 @@ class Peer(StateSync):
         if self.windows is not None:
             from swarm.datasets import shard_batches  # the round's peers train disjoint windows
 
-            batches = shard_batches(self.windows, plan, self.me, self.settings.seed, rnd)
+            # one permutation per round for the whole run (not each peer's --seed), so the shards never overlap
+            batches = shard_batches(self.windows, plan, self.me, int(self.fingerprint, 16), rnd)
         else:
             batches = sample_batches(self.tokens, self.run.train.seq_len, task.sequences, task.micro_batch,
                                      self.settings.seed, rnd, peer_key(self.me))
