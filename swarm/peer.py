@@ -82,7 +82,7 @@ class Peer(StateSync):
         self.max_micro_batch = 0
         self.tokens_per_s = 0.0
         self.last_plan: RoundPlan | None = None
-        self.history: dict[int, str] = {}  # recent rounds -> this peer's adapter hash
+        self.history: dict[int, str] = {}  # recent rounds -> this peer's state hash (TrainingState.state_sha256)
         self.last_group: list[str] = []     # members of the last group this peer committed a round with
         self.last_speed = 0.0
         self.banned: dict[str, int] = {}    # peer -> last round it is excluded from (its contribution was rejected)
@@ -657,7 +657,7 @@ class Peer(StateSync):
         loss = train.loss_sum / train.tokens if train.tokens else None
         tps = train.tokens / seconds if seconds > 0 else 0.0
         digest = state.adapter_sha256
-        self.history[state.round] = digest
+        self.history[state.round] = state.state_sha256  # the whole state is voted on (swarm.sync.confirmed)
         for old in sorted(self.history)[:-8]:
             del self.history[old]
         self.metrics.write({
@@ -716,6 +716,7 @@ class Peer(StateSync):
             self._advertise()
             self.members.report(self.run.name, ProgressRecord(
                 peer_id=self.me, round=state.round, adapter_sha256=state.adapter_sha256, state="leaving",
+                history={str(r): h for r, h in self.history.items()},
                 **self.chain_fields(state), timestamp=self.transport.now()))
         except Exception:
             pass
