@@ -23,7 +23,7 @@ from swarm.backends.base import TrainResult
 from swarm.checkpoint import TrainingState
 from swarm.config import RunConfig, default_run, load_config
 from swarm.metrics import MetricsFile, Reporter
-from swarm.planner import RoundPlan, RunOption, choose_run, plan_round
+from swarm.planner import RoundPlan, RunOption, choose_run, paced_adverts, plan_round, shared_pace
 from swarm.records import CapabilityAdvert, ProgressRecord, RunRecord
 from swarm.round import Pacer, RoundOutcome, average_round
 from swarm.sync import POLL, StateSync
@@ -45,9 +45,9 @@ def route_swarm_logs(log_file: Path) -> None:
     lg = logging.getLogger("swarm")
     lg.propagate = False
     if not lg.handlers:
-        handler = logging.FileHandler(log_file)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        lg.addHandler(handler)
+        from swarm.logs import log_handler  # rotated, and shared with hivemind's lines
+
+        lg.addHandler(log_handler(log_file))
         lg.setLevel(logging.INFO)
 
 
@@ -493,9 +493,7 @@ class Peer(StateSync):
         mode = "uniform" if self.args.uniform else "negotiated"
         # speeds every member of the last group measured and shared in its all-reduce: the same numbers on every
         # member (and on a joiner, which downloaded them with the state), fresher than adverts
-        speeds = self.state.speeds
-        adverts = [a.model_copy(update={"throughput_tokens_per_s": speeds[a.peer_id]}) if a.peer_id in speeds
-                   else a for a in adverts]
+        adverts = paced_adverts(adverts, self.state.speeds)  # clamped: one claim cannot take the round
         plan = plan_round(self.run, adverts, rnd, previous_round_seconds=self.state.round_seconds, mode=mode)
         if plan.task_for(self.me) is None:
             ex = plan.exclusion_for(self.me)
@@ -637,8 +635,7 @@ class Peer(StateSync):
         self.backend.apply_update(outcome.mean_grads)
         self.last_group = list(outcome.members)
         # the same update on every member, from the same shared numbers: they plan the next round alike
-        old = self.state.speeds
-        speeds = {p: s if p not in old else 0.5 * old[p] + 0.5 * s for p, s in sorted(outcome.speeds.items())}
+        speeds = shared_pace(self.state.speeds, outcome.speeds)
         state = self._hold(self.state.successor(round_=rnd, adapter=self.backend.get_adapter(),
                                                 optimizer=self.backend.get_optimizer(), update_sha256=outcome.update_sha256,
                                                 tokens=outcome.group_tokens, speeds=speeds,
