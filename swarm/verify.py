@@ -32,9 +32,10 @@ POLL = 0.1
 RESULT_TTL = 60.0
 
 
-def span_hashes(result: np.ndarray, spans: dict[str, tuple[int, int]]) -> dict[str, str]:
-    """Reducer -> hash of the span of the (raw, fixed-point) result it reduced."""
-    vec = np.ascontiguousarray(result, dtype=np.float64)
+def span_hashes(result: np.ndarray, spans: dict[str, tuple[int, int]], group_size: int) -> dict[str, str]:
+    """Reducer -> hash of the span it reduced, as exact integer sums (what `averaging.decode` reads: the raw
+    averages differ in their last bits from member to member, their rounded sums do not)."""
+    vec = np.ascontiguousarray(np.rint(np.asarray(result, dtype=np.float64) * group_size))
     return {p: hashlib.sha256(vec[a:b].tobytes()).hexdigest()[:32] for p, (a, b) in sorted(spans.items())
             if 0 <= a <= b <= len(vec)}
 
@@ -47,10 +48,12 @@ def compare(mine: dict, theirs: dict, *, me: str, peer: str) -> tuple[str, dict[
     differ = sorted(p for p in a if p in b and a[p] != b[p])
     if differ:
         why = "handed members different results for the span it reduced"
-        return (f"reducer(s) {', '.join(differ)} {why} (peer {peer} and this peer decoded different updates)",
-                {p: why for p in differ if p != me})
+        # one other reducer's span differs: it is to blame. Several, or this peer's own (which it sent alike to
+        # everyone): ambiguous, nobody is excluded for it (a false accusation must not split honest peers)
+        blame = {differ[0]: why} if len(differ) == 1 and differ[0] != me else {}
+        return (f"reducer(s) {', '.join(differ)} {why} (peer {peer} and this peer decoded different updates)", blame)
     why = "reported another result than the one every reducer sent (its hashes of the reduced spans match ours)"
-    return f"peer {peer} {why}", {peer: why}
+    return f"peer {peer} {why}", {}
 
 
 def agree_on_result(transport: Transport, *, key: str, members: list[str], digest: str, result: np.ndarray,
@@ -59,7 +62,7 @@ def agree_on_result(transport: Transport, *, key: str, members: list[str], diges
     """(why not to commit, offenders) after exchanging signed result hashes with the group; (None, {}) to commit."""
     me = transport.peer_id
     group = sorted(members)
-    mine = {"update": digest, "parts": span_hashes(result, spans), "members": group}
+    mine = {"update": digest, "parts": span_hashes(result, spans, len(group)), "members": group}
     transport.put(key, mine, RESULT_TTL)
     others = [m for m in group if m != me]
     seen: dict[str, dict] = {}
