@@ -238,7 +238,8 @@ if MODE == "reducer":
 
         part = 0
         async for message in honest_stream(self, stream, sender_index):
-            if part == 0 and sender_index == 0 and self.sender_peer_ids[0] != self.peer_id:  # one member: another result
+            victim = next(i for i, p in enumerate(self.sender_peer_ids) if p != self.peer_id)
+            if part == 0 and sender_index == victim:  # one member (not itself) gets another result
                 delta = deserialize_torch_tensor(message.tensor_part)
                 lane = (-self.tensor_part_reducer.starts[0]) % (CHECK_EVERY + 1)  # a data lane, not a check lane
                 if lane < len(delta) - 1:
