@@ -12,6 +12,15 @@ usage: python scripts/hostile_peer.py MODE [python -m swarm.join arguments]
            (so a joiner without --config would pick it), whose data.source and model.path name a local
            file ($SWARM_LURE_PATH): a joiner must never open it
   oldrun   it trains honestly, and keeps writing an older record (created 0) of the same run with another fingerprint
+  speed    it trains honestly, but advertises and shares a speed of 1e9-1 tokens/s (to take ~96 % of every round)
+  outsider it is in nobody's plan (its advert says paused) but joins every round's group with a plan of its own
+  sybil    it trains honestly, and writes progress records of 6 fresh identities that report another state hash
+           for every recent round (on the swarm's chain), to outvote the honest peers
+  optstate it trains honestly, but serves joiners the swarm's adapter with poisoned optimizer moments (x 0.5,
+           which pass every invariant) and a consistent hash, at top priority
+  slowstate it trains honestly, but serves state one small message every 8 s (a stream that never ends in
+           time), at top priority
+  reducer  it trains honestly, but as a reducer it hands one member a different averaged span than the others
 """
 
 from __future__ import annotations
@@ -22,7 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
-MODES = ("nan", "huge", "shape", "outlier", "tokens", "state", "lure", "oldrun")
+MODES = ("nan", "huge", "shape", "outlier", "tokens", "state", "lure", "oldrun", "speed", "outsider", "sybil", "optstate",
+         "slowstate", "reducer")
 if len(sys.argv) < 2 or sys.argv[1] not in MODES:
     sys.exit(f"usage: python scripts/hostile_peer.py {{{','.join(MODES)}}} --host 127.0.0.1 [swarm.join arguments]")
 MODE = sys.argv.pop(1)
@@ -134,6 +144,111 @@ if MODE == "oldrun":
             self.members.publish_run(rec.model_copy(update={"created": 0.0, "fingerprint": "f" * 16}))
 
     swarm.peer.Peer._advertise = advertise_and_lure
+
+if MODE == "speed":
+    import swarm.peer
+    import swarm.round
+
+    honest_advert, honest_average = swarm.peer.Peer._advert, swarm.round.average_round
+    swarm.peer.Peer._advert = lambda self: honest_advert(self).model_copy(update={"throughput_tokens_per_s": 1e9 - 1})
+    swarm.peer.average_round = lambda *a, **kw: honest_average(*a, **{**kw, "speed": 1e9 - 1})
+if MODE == "outsider":
+    import swarm.peer
+
+    honest_advertise = swarm.peer.Peer._advertise
+
+    def advertise_paused(self):  # the others never plan it in; its own plan (from its own advert) has it
+        self.members.advertise(self._advert().model_copy(update={"paused": True}))
+
+    swarm.peer.Peer._advertise = advertise_paused
+if MODE == "sybil":
+    import swarm.peer
+    import swarm.transport.hivemind_dht as hd
+    from hivemind.dht.crypto import RSASignatureValidator
+    from hivemind.utils.crypto import RSAPrivateKey
+
+    SYBILS = [RSAPrivateKey() for _ in range(6)]  # before the DHT process forks: it signs for them too
+
+    class ManyKeys(RSASignatureValidator):
+        def sign_value(self, record):
+            for key in SYBILS:
+                marker = RSASignatureValidator(key).local_public_key
+                if marker in (record.subkey or b""):
+                    return RSASignatureValidator(key).sign_value(record)
+            return super().sign_value(record)
+
+    hd.RSASignatureValidator = ManyKeys
+    honest_publish = swarm.peer.Peer.publish
+
+    def publish_and_stuff(self, state, plan, train, outcome):
+        honest_publish(self, state, plan, train, outcome)
+        from swarm.membership import PROGRESS_TTL, progress_key
+        from swarm.records import ProgressRecord
+
+        for key in SYBILS:
+            marker = RSASignatureValidator(key).local_public_key
+            rec = ProgressRecord(peer_id=hd.owner_of(marker), round=state.round, adapter_sha256="0" * 64,
+                                 history={str(r): "e" * 64 for r in self.history}, backend=self.backend.name,
+                                 **self.chain_fields(state), timestamp=self.transport.now())
+            with self.transport._lock:
+                self.transport.dht.store(progress_key(self.run.name), rec.to_wire(), subkey=marker,
+                                         expiration_time=self.transport.now() + PROGRESS_TTL)
+
+    swarm.peer.Peer.publish = publish_and_stuff
+if MODE in ("optstate", "slowstate"):
+    import swarm.sync
+    import swarm.transport.hivemind_dht as hd
+
+    def poisoned_optimizer(self):
+        with self._state_lock:
+            if self.state is None or not self.state.optimizer.step:
+                return None, []
+            opt = dataclasses.replace(self.state.optimizer, exp_avg={k: v * np.float32(0.5) for k, v in
+                                                                     self.state.optimizer.exp_avg.items()})
+            return dataclasses.replace(self.state, optimizer=opt).to_wire()
+
+    if MODE == "optstate":
+        swarm.sync.StateSync._serve_state = poisoned_optimizer
+    else:
+        from hivemind.averaging.averager import DecentralizedAverager
+        from hivemind.proto import averaging_pb2
+        import asyncio
+
+        async def drip(self, request, context):
+            for _ in range(1000):  # bounded: ~2 h
+                yield averaging_pb2.DownloadData(metadata=self.serializer.dumps({"round": 10 ** 6}))
+                await asyncio.sleep(8.0)
+
+        DecentralizedAverager.rpc_download_state = drip
+    honest_open = hd.HivemindTransport.open_averaging
+
+    def open_first_in_line(self, **kw):
+        honest_open(self, **kw)
+        self._averager.state_sharing_priority = 1e6  # joiners try it before anyone else
+
+    hd.HivemindTransport.open_averaging = open_first_in_line
+    hd.HivemindTransport.announce_state_round = lambda self, round_: None  # keep claiming the newest state
+if MODE == "reducer":
+    import swarm.transport.hivemind_averager as ha
+
+    honest_stream = ha._CheckedRunner._accumulate_parts_streaming
+
+    async def two_faced(self, stream, sender_index):
+        from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
+
+        part = 0
+        async for message in honest_stream(self, stream, sender_index):
+            victim = next(i for i, p in enumerate(self.sender_peer_ids) if p != self.peer_id)
+            if part == 0 and sender_index == victim:  # one member (not itself) gets another result
+                delta = deserialize_torch_tensor(message.tensor_part)
+                lane = (-self.tensor_part_reducer.starts[0]) % (CHECK_EVERY + 1)  # a data lane, not a check lane
+                if lane < len(delta) - 1:
+                    delta[lane] += 1.0  # one fixed-point unit: integers stay integers, every check still passes
+                message.tensor_part.CopyFrom(serialize_torch_tensor(delta))
+            part += 1
+            yield message
+
+    ha._CheckedRunner._accumulate_parts_streaming = two_faced
 
 from swarm.join import main  # noqa: E402
 

@@ -124,7 +124,7 @@ def load_mlx_adapter(directory: Path) -> dict[str, np.ndarray]:
     """Read an mlx-lm adapter directory back into canonical layout."""
     from safetensors.numpy import load_file
 
-    f = Path(directory) / MLX_ADAPTER_FILE
+    f = readable_dir(Path(directory)) / MLX_ADAPTER_FILE
     if not f.is_file():
         raise SwarmError(f"no mlx adapter at {f}")
     return from_mlx(load_file(str(f)))
@@ -173,7 +173,9 @@ def write_dir_atomically(target: Path, files: dict[str, bytes]) -> None:
     """Write files into a fresh sibling directory, then swap it in: readers see old or new, never half.
 
     The swap is two renames (target -> .target.old, fresh -> target); a kill between them leaves only
-    .target.old, which `recover_dir` (called here first, and by every reader) puts back."""
+    .target.old, which `recover_dir` (called here first) puts back. Readers never rename anything
+    (`readable_dir` reads .target.old in that moment), so a reader beside a live writer cannot undo its
+    first rename; if a stray process did, the writer sets the reappeared directory aside again."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     recover_dir(target)
@@ -189,9 +191,19 @@ def write_dir_atomically(target: Path, files: dict[str, bytes]) -> None:
         old = target.parent / f".{target.name}.old"
         if old.exists():
             shutil.rmtree(old)
-        if target.exists():
-            os.rename(target, old)
-        os.rename(tmp, target)
+        for _ in range(3):  # bounded: another process may have put an old version back meanwhile
+            if target.exists():
+                if old.exists():
+                    shutil.rmtree(old)
+                os.rename(target, old)
+            try:
+                os.rename(tmp, target)
+                break
+            except OSError:
+                if not target.exists():
+                    raise
+        else:
+            raise OSError(f"could not replace {target}: another process keeps putting it back")
         _fsync_dir(target.parent)
         shutil.rmtree(old, ignore_errors=True)
     finally:
@@ -206,6 +218,13 @@ def recover_dir(target: Path) -> None:
     if not target.exists() and old.is_dir():
         os.rename(old, target)
         _fsync_dir(target.parent)
+
+
+def readable_dir(target: Path) -> Path:
+    """Where a reader finds `target`'s files, without renaming anything (a writer may be between its renames)."""
+    target = Path(target)
+    old = target.parent / f".{target.name}.old"
+    return old if not target.exists() and old.is_dir() else target
 
 
 def _fsync_dir(path: Path) -> None:
@@ -237,8 +256,7 @@ def load_peft_adapter(directory: Path) -> dict[str, np.ndarray]:
     """Read a peft adapter directory back into canonical layout."""
     from safetensors.numpy import load_file
 
-    recover_dir(Path(directory))
-    f = Path(directory) / ADAPTER_FILE
+    f = readable_dir(Path(directory)) / ADAPTER_FILE
     if not f.is_file():
         raise SwarmError(f"no adapter at {f}")
     return {from_peft_key(k): v for k, v in load_file(str(f)).items()}

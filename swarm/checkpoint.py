@@ -80,6 +80,18 @@ class TrainingState:
     def adapter_sha256(self) -> str:
         return adapter_sha256(self.adapter)
 
+    @property
+    def state_sha256(self) -> str:
+        """The whole training state a peer resumes from: adapter, optimizer step and moments, and the lineage
+        (which covers the pace and the work). This, not the adapter alone, is what peers vote on: a state
+        with the majority's adapter but other moments is another state (security review, item 9)."""
+        h = hashlib.sha256(f"swarm-state|{self.adapter_sha256}|{self.lineage}|{self.optimizer.step}".encode())
+        for moments in (self.optimizer.exp_avg, self.optimizer.exp_avg_sq):
+            for name in sorted(moments or {}):
+                h.update(name.encode() + b"|")
+                h.update(np.ascontiguousarray(moments[name], dtype=np.float32).tobytes())
+        return h.hexdigest()
+
     def verified_lineage(self) -> bool:
         """Does the lineage follow from what the state carries (parent, update, work, pace)?"""
         if self.round == 0:
@@ -117,6 +129,8 @@ class TrainingState:
         rnd, step = meta.get("round"), meta.get("optimizer_step")
         if not (isinstance(rnd, int) and rnd >= 0 and isinstance(step, int) and step >= 0):
             raise StateError(f"state from {source}: bad round or optimizer step")
+        if step > rnd:  # one optimizer step per committed round
+            raise StateError(f"state from {source}: optimizer step {step} is past its round {rnd}")
         expected = len(names) * (3 if step > 0 else 1)
         if len(arrays) != expected:
             raise StateError(f"state from {source}: {len(arrays)} tensors, expected {expected}")
@@ -127,6 +141,8 @@ class TrainingState:
                 raise StateError(f"state from {source}: tensor {n} is {a.dtype}{tuple(a.shape)}, expected float32{tuple(shapes[n])}")
             if not np.all(np.isfinite(a)):
                 raise StateError(f"state from {source}: tensor {n} has NaN or inf")
+            if i >= 2 * len(names) and np.any(a < 0):  # Adam's second moments are averages of squares
+                raise StateError(f"state from {source}: optimizer exp_avg_sq of {n} has negative values")
         k = len(names)
         adapter = dict(zip(names, arrays[:k]))
         opt = OptimizerState(step=step)

@@ -19,6 +19,7 @@ RUNS_KEY = "swarm.runs"
 RUN_TTL = 120.0
 ADVERT_TTL = 30.0
 PROGRESS_TTL = 60.0
+MAX_REJECTED = 1024  # owners whose dropped records are remembered (to log each reason once)
 
 
 def adverts_key(run: str) -> str:
@@ -51,7 +52,10 @@ class Membership:
     def _reject(self, owner: str, why: str) -> None:
         if self.rejected.get(owner) != why:
             log.warning("dropped a record from %s: %s", owner, why)
+        self.rejected.pop(owner, None)
         self.rejected[owner] = why
+        while len(self.rejected) > MAX_REJECTED:  # bounded: identities are free
+            del self.rejected[next(iter(self.rejected))]
 
     # --- runs ---------------------------------------------------------------------------------
     def runs(self) -> dict[str, RunRecord]:

@@ -23,7 +23,7 @@ from swarm.checkpoint import TrainingState
 from swarm.config import load_config
 from swarm.datasets import local_data
 from swarm.metrics import MetricsFile, Reporter
-from swarm.planner import RoundPlan, plan_round
+from swarm.planner import RoundPlan, paced_adverts, plan_round, shared_pace
 from swarm.records import CapabilityAdvert, ProgressRecord, RunRecord
 from swarm.round import Pacer, RoundOutcome, average_round
 from swarm.runs import resolve_run
@@ -46,9 +46,9 @@ def route_swarm_logs(log_file: Path) -> None:
     lg = logging.getLogger("swarm")
     lg.propagate = False
     if not lg.handlers:
-        handler = logging.FileHandler(log_file)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        lg.addHandler(handler)
+        from swarm.logs import log_handler  # rotated, and shared with hivemind's lines
+
+        lg.addHandler(log_handler(log_file))
         lg.setLevel(logging.INFO)
 
 
@@ -85,7 +85,7 @@ class Peer(StateSync):
         self.max_micro_batch = 0
         self.tokens_per_s = 0.0
         self.last_plan: RoundPlan | None = None
-        self.history: dict[int, str] = {}  # recent rounds -> this peer's adapter hash
+        self.history: dict[int, str] = {}  # recent rounds -> this peer's state hash (TrainingState.state_sha256)
         self.last_group: list[str] = []     # members of the last group this peer committed a round with
         self.last_speed = 0.0
         self.banned: dict[str, int] = {}    # peer -> last round it is excluded from (its contribution was rejected)
@@ -399,9 +399,7 @@ class Peer(StateSync):
         mode = "uniform" if self.settings.uniform else "negotiated"
         # speeds every member of the last group measured and shared in its all-reduce: the same numbers on every
         # member (and on a joiner, which downloaded them with the state), fresher than adverts
-        speeds = self.state.speeds
-        adverts = [a.model_copy(update={"throughput_tokens_per_s": speeds[a.peer_id]}) if a.peer_id in speeds
-                   else a for a in adverts]
+        adverts = paced_adverts(adverts, self.state.speeds)  # clamped: one claim cannot take the round
         plan = plan_round(self.run, adverts, rnd, previous_round_seconds=self.state.round_seconds, mode=mode)
         if plan.task_for(self.me) is None:
             ex = plan.exclusion_for(self.me)
@@ -545,8 +543,7 @@ class Peer(StateSync):
         self.backend.apply_update(outcome.mean_grads)
         self.last_group = list(outcome.members)
         # the same update on every member, from the same shared numbers: they plan the next round alike
-        old = self.state.speeds
-        speeds = {p: s if p not in old else 0.5 * old[p] + 0.5 * s for p, s in sorted(outcome.speeds.items())}
+        speeds = shared_pace(self.state.speeds, outcome.speeds)
         state = self._hold(self.state.successor(round_=rnd, adapter=self.backend.get_adapter(),
                                                 optimizer=self.backend.get_optimizer(), update_sha256=outcome.update_sha256,
                                                 tokens=outcome.group_tokens, speeds=speeds,
@@ -565,7 +562,7 @@ class Peer(StateSync):
         loss = train.loss_sum / train.tokens if train.tokens else None
         tps = train.tokens / seconds if seconds > 0 else 0.0
         digest = state.adapter_sha256
-        self.history[state.round] = digest
+        self.history[state.round] = state.state_sha256  # the whole state is voted on (swarm.sync.confirmed)
         for old in sorted(self.history)[:-8]:
             del self.history[old]
         self.metrics.write({
@@ -627,6 +624,7 @@ class Peer(StateSync):
             self._advertise()
             self.members.report(self.run.name, ProgressRecord(
                 peer_id=self.me, round=state.round, adapter_sha256=state.adapter_sha256, state="leaving",
+                history={str(r): h for r, h in self.history.items()},
                 **self.chain_fields(state), timestamp=self.transport.now()))
         except Exception:
             pass

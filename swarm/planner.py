@@ -393,6 +393,38 @@ def plan_round(
     )
 
 
+SPEED_RATIO = 4.0  #: no peer's speed counts for more than this many times the (lower) median of its peers'
+
+
+def clamp_speeds(speeds: Mapping[str, float], ratio: float = SPEED_RATIO) -> dict[str, float]:
+    """Self-reported speeds (adverts, or the measurements members share in a round), each at most `ratio` x the
+    lower median of all of them: one claim cannot take most of a round (security review, item 7). Pure and
+    deterministic: every peer clamps the same numbers alike."""
+    values = sorted(v for v in speeds.values() if v > 0)
+    if len(values) < 2:
+        return dict(speeds)
+    cap = values[(len(values) - 1) // 2] * ratio
+    return {p: min(v, cap) for p, v in speeds.items()}
+
+
+def paced_adverts(adverts: list[CapabilityAdvert], speeds: Mapping[str, float]) -> list[CapabilityAdvert]:
+    """The adverts a plan is made from: each peer's speed as its last group measured and shared it (`speeds`, the
+    same numbers on every member) where known, its advert otherwise; all of them clamped (`clamp_speeds`)."""
+    raw = {a.peer_id: speeds.get(a.peer_id, a.throughput_tokens_per_s) for a in adverts}
+    capped = clamp_speeds(raw)
+    return [a.model_copy(update={"throughput_tokens_per_s": capped[a.peer_id]})
+            if capped[a.peer_id] != a.throughput_tokens_per_s else a for a in adverts]
+
+
+def shared_pace(old: Mapping[str, float], shared: Mapping[str, float]) -> dict[str, float]:
+    """The speeds a committed round hands on: each member's shared measurement, smoothed with the last one, at most
+    doubling per round, then clamped. The same numbers on every member (all inputs are the group's)."""
+    out = {}
+    for p, s in sorted(shared.items()):
+        out[p] = s if p not in old else min(0.5 * old[p] + 0.5 * s, 2.0 * old[p])
+    return clamp_speeds(out)
+
+
 def needs_replan(old_plan: RoundPlan, adverts: Iterable[CapabilityAdvert], round: int, drift: float = 0.25,
                  allowed: tuple[str, ...] = PRECISIONS) -> bool:
     """True when `old_plan` no longer describes the swarm at `round`.

@@ -143,7 +143,7 @@ class ProgressRecord(_Wire):
     plan_id: str = Field("", max_length=64)
     state: Literal["training", "paused", "leaving"] = "training"
     backend: str = Field("torch", max_length=16, description="framework: adapters agree bit for bit only within one")
-    history: dict[str, str] = Field(default_factory=dict, description="recent rounds -> adapter sha256 (agreement checks)")
+    history: dict[str, str] = Field(default_factory=dict, description="recent rounds -> state sha256 (adapter, optimizer, lineage: agreement checks)")
     lineage: str = Field("", max_length=64, description="lineage of this peer's state (checkpoint.TrainingState.lineage)")
     work: int = Field(0, ge=0, le=1 << 62, description="tokens trained in rounds 1..round on this peer's chain")
     lineages: dict[str, str] = Field(default_factory=dict, description="recent rounds -> lineage (fork checks, any framework)")

@@ -20,6 +20,9 @@ from swarm.backends.base import TrainResult
 from swarm.transport.base import Transport, TransportError
 
 
+RESULT_WAIT = 15.0  # seconds a member waits for the others' signed hashes of the result before committing
+
+
 class Pacer:
     """Hands out micro-batches, idling so compute is at most `max_utilization` of wall time; stops at `deadline`.
 
@@ -117,7 +120,8 @@ def average_round(transport: Transport, train: TrainResult, *, names: list[str],
     else:
         try:
             res = transport.all_reduce(vector, group_key=f"{run}.r{round_}.{lineage[:16]}", group_size=group_size, gather=gather,
-                                       timeout=timeout, wait_until=wait_until, abandon=abandon)
+                                       timeout=timeout, wait_until=wait_until, abandon=abandon,
+                                       allowed=set(quotas) if quotas is not None else None)
         except TransportError as e:
             return RoundOutcome(ok=False, reason=str(e), contribution_checksum=mine)
         result_vec, gathered, seconds = res.vector, res.gathered, res.seconds
@@ -133,7 +137,10 @@ def average_round(transport: Transport, train: TrainResult, *, names: list[str],
         if g.get("lineage") != lineage:  # not an offence: it starts from another state (a fork) and must sync first
             return RoundOutcome(ok=False, reason=f"peer {peer} starts this round from another state "
                                 f"({str(g.get('lineage'))[:12]}, this peer {lineage[:12]})", contribution_checksum=mine)
-        quota = quotas.get(peer) if quotas is not None and g.get("plan") == plan_id else None
+        if quotas is not None and (peer not in quotas or g.get("plan") != plan_id):  # quotas only from this plan
+            return RoundOutcome(ok=False, reason=f"peer {peer} is not in this round's plan (it names plan "
+                                f"{str(g.get('plan'))[:16]})", contribution_checksum=mine)
+        quota = quotas.get(peer) if quotas is not None else None
         if g["tokens"] > min(max_tokens, quota if quota is not None else max_tokens):
             why = (f"it claims {g['tokens']} tokens, its quota in this round's plan is {quota}" if quota is not None
                    else f"it claims {g['tokens']} tokens, more than the round's budget of {max_tokens}")
@@ -156,6 +163,14 @@ def average_round(transport: Transport, train: TrainResult, *, names: list[str],
         return RoundOutcome(ok=False, reason=f"group says it trained {tokens} tokens but averaged {avg.tokens}",
                             contribution_checksum=mine)
     update = hashlib.sha256(np.ascontiguousarray(avg.mean_grad, dtype=np.float64).tobytes()).hexdigest()
+    if group_size > 1:  # every member must have received this very result (a reducer could hand out different ones)
+        from swarm.verify import agree_on_result
+
+        why, offenders = agree_on_result(transport, key=f"{run}.r{round_}.{lineage[:16]}.result", members=members,
+                                         digest=update, result=result_vec, spans=res.spans, leader=res.leader,
+                                         wait=min(RESULT_WAIT, max(timeout, 1.0)))
+        if why:
+            return RoundOutcome(ok=False, reason=why, offenders=offenders, contribution_checksum=mine)
     return RoundOutcome(ok=True, mean_grads=unflatten(avg.mean_grad, names, shapes), group_tokens=tokens, update_sha256=update,
                         group_size=len(gathered), group_loss=loss / tokens, members=members,
                         reduce_seconds=seconds, slowest_seconds=slowest, speeds=speeds,

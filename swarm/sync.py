@@ -25,6 +25,7 @@ from swarm.records import ProgressRecord
 POLL = 0.2
 FORK_SYNC_TIMEOUT = 90.0   # how long a peer on a losing fork tries to get the survivor's state
 FORK_IGNORE = 120.0        # a survivor whose state could not be had is not chased again for this long
+ELECTORATE_ROUNDS = 8      # votes on state count only members of this peer's groups of its last this many rounds
 
 
 class StateSync:
@@ -43,6 +44,11 @@ class StateSync:
         """`state` is what this peer serves from now on (joiners ask the newest state first)."""
         with self._state_lock:
             self.state = state
+        if state.speeds:  # the group that committed it (its signed members, inside the lineage): future voters
+            groups = self.__dict__.setdefault("groups", {})
+            groups[state.round] = frozenset(state.speeds)
+            for old in sorted(groups)[:-ELECTORATE_ROUNDS]:
+                del groups[old]
         self.transport.announce_state_round(state.round)
         return state
 
@@ -224,16 +230,17 @@ class StateSync:
             else:
                 state, source = got
                 if state is not None:
-                    confirmed = self.confirmed(state.round, state.adapter_sha256, state.lineage) \
-                        if state.round >= target else False
+                    confirmed = self.confirmed(state.round, state.state_sha256, state.lineage,
+                                               group=set(state.speeds)) if state.round >= target else False
                     if state.round < target:
                         stale.add(source)
                     if confirmed:
                         self._adopt(state, f"downloaded state of round {state.round} (adapter {state.adapter_sha256[:12]})")
                         return state
                     if confirmed is None:
-                        self.log.warn(f"rejected state of round {state.round} from peer {source}: adapter "
-                                      f"{state.adapter_sha256[:12]} (lineage {state.lineage[:12]}) is not what the "
+                        self.log.warn(f"rejected state of round {state.round} from peer {source}: state "
+                                      f"{state.state_sha256[:12]} (adapter {state.adapter_sha256[:12]}, lineage "
+                                      f"{state.lineage[:12]}) is not what the "
                                       "swarm's peers report; "
                                       "not downloading from it again")
                         self.transport.distrust(source)
@@ -243,20 +250,31 @@ class StateSync:
             return self.state
         raise SwarmError("could not get the swarm's state: no live peer served a verified copy in time")
 
-    def confirmed(self, rnd: int, digest: str, lineage: str | None = None) -> bool | None:
-        """Is `digest` the swarm's adapter after round `rnd`, by the word of the peers that have passed it?
+    def electorate(self) -> set[str]:
+        """Peers whose word counts in votes on state: the members of this peer's recent groups (signed
+        announcements; see `_hold`). Empty for a peer that has been in no group yet (a joiner)."""
+        return set().union(*getattr(self, "groups", {}).values()) - {getattr(self, "me", None)}
+
+    def confirmed(self, rnd: int, digest: str, lineage: str | None = None, group: set[str] | None = None) -> bool | None:
+        """Is `digest` the swarm's state (`TrainingState.state_sha256`: adapter, optimizer, lineage) after round
+        `rnd`, by the word of the peers that have passed it?
         True: more than half of them (of one framework) report it; False: reports are split, or nobody reports
         round `rnd` at all (retry: they lag a commit by a moment; an unvouched round is never adopted); None: a
         majority reports another hash (reject it, and its source). `lineage` (the state's, which covers its pace and work): more than
-        half of the peers of any framework that report a lineage for round `rnd` must report this one."""
+        half of the peers of any framework that report a lineage for round `rnd` must report this one.
+        Who votes (Sybils: identities are free): a peer that has been in groups counts only their members
+        (`electorate`); a joiner counts everyone, and a state must also be vouched for by a majority of `group`,
+        the members of the round that committed it, as that state names them."""
         by_backend: dict[str, list[str | None]] = {}
         lineages: list[str] = []
+        electorate = self.electorate()
         passed = [p for p in self.members.progress(self.run.name)
-                  if p.peer_id != self.me and p.round >= rnd and self.banned.get(p.peer_id, 0) < rnd]
+                  if p.peer_id != self.me and p.round >= rnd and self.banned.get(p.peer_id, 0) < rnd
+                  and (not electorate or p.peer_id in electorate)]
         # peers still training vote; when none has passed `rnd`, peers that left after it (a finished run's final state)
         voters = [p for p in passed if p.state != "leaving"] or passed
         for p in voters:
-            said = p.history.get(str(rnd)) or (p.adapter_sha256 if p.round == rnd else None)
+            said = p.history.get(str(rnd))
             by_backend.setdefault(p.backend, []).append(said)
             reported = chain_of(p).get(rnd)
             if reported:
@@ -265,6 +283,10 @@ class StateSync:
             return None if any(2 * lineages.count(h) > len(lineages) for h in set(lineages)) else False
         if not by_backend:  # no vote: wait. State claiming a round nobody vouches for (a far-future one) is never adopted
             return False
+        if not electorate and group:  # a joiner: the committing group's members (as the state names them) vouch too
+            vouching = sum(1 for p in voters if p.peer_id in group and p.history.get(str(rnd)) == digest)
+            if 2 * vouching <= len(group):
+                return False
         contradicted = False
         for said in by_backend.values():
             if 2 * said.count(digest) > len(said):
@@ -273,7 +295,7 @@ class StateSync:
         return None if contradicted else False
 
     def disagreement(self) -> int | None:
-        """The latest recent round where this peer's adapter is not the swarm's (majority; ties: smallest hash).
+        """The latest recent round where this peer's state is not the swarm's (majority; ties: smallest hash).
 
         Only peers of the same framework vote: torch and MLX peers agree within float tolerance, not bit for bit.
         And only for rounds where they report this peer's lineage: a peer on another chain is a fork, which
@@ -281,8 +303,10 @@ class StateSync:
         """
         votes: dict[int, Counter] = {}
         mine = self.my_chain()
+        electorate = self.electorate()  # Sybils: only members of this peer's recent groups vote
         for p in self.members.progress(self.run.name):
-            if p.peer_id != self.me and p.state != "leaving" and p.backend == self.backend.name:
+            if p.peer_id != self.me and p.state != "leaving" and p.backend == self.backend.name \
+                    and (not electorate or p.peer_id in electorate):
                 theirs = chain_of(p)
                 for r, h in p.history.items():
                     if not theirs or theirs.get(int(r)) == mine.get(int(r)):

@@ -102,6 +102,7 @@ class _Members:
 
 def _record(peer, st: TrainingState, **kw) -> ProgressRecord:
     recent = sorted(st.ancestry)[-8:]
+    kw.setdefault("history", {str(st.round): st.state_sha256})
     return ProgressRecord(peer_id=peer, round=st.round, adapter_sha256=st.adapter_sha256, lineage=st.lineage,
                           work=st.work, lineages={str(r): st.ancestry[r][0] for r in recent}, timestamp=1.0, **kw)
 
@@ -197,7 +198,51 @@ def test_state_of_a_round_nobody_vouches_for_is_never_adopted():
     g = _genesis()
     s1 = _step(g, "a")
     assert _sync("me", g, []).confirmed(10 ** 9, s1.adapter_sha256, s1.lineage) is False
-    assert _sync("me", g, [_record("p", g)]).confirmed(1, s1.adapter_sha256, s1.lineage) is False
-    assert _sync("me", g, [_record("p", s1)]).confirmed(1, s1.adapter_sha256, s1.lineage) is True
+    assert _sync("me", g, [_record("p", g)]).confirmed(1, s1.state_sha256, s1.lineage) is False
+    assert _sync("me", g, [_record("p", s1)]).confirmed(1, s1.state_sha256, s1.lineage) is True
     # a finished run: only peers that left after round 1 report it; they vouch for its final state
-    assert _sync("me", g, [_record("p", s1, state="leaving")]).confirmed(1, s1.adapter_sha256, s1.lineage) is True
+    assert _sync("me", g, [_record("p", s1, state="leaving")]).confirmed(1, s1.state_sha256, s1.lineage) is True
+
+
+def test_the_vote_covers_the_optimizer_and_its_invariants_are_checked():
+    """Security review, item 9: the majority's adapter with other optimizer moments is another state; negative
+    second moments, or more optimizer steps than rounds, are refused on download (no re-download loop)."""
+    s1 = _step(_genesis(), "a")
+    poisoned = TrainingState(round=1, adapter=s1.adapter, fingerprint="fp", lineage=s1.lineage, parent=s1.parent,
+                             update_sha256=s1.update_sha256, work=s1.work, speeds=s1.speeds, round_seconds=s1.round_seconds,
+                             optimizer=OptimizerState(step=1, exp_avg={n: a + 1 for n, a in s1.optimizer.exp_avg.items()},
+                                                      exp_avg_sq=s1.optimizer.exp_avg_sq))
+    assert poisoned.adapter_sha256 == s1.adapter_sha256 and poisoned.state_sha256 != s1.state_sha256
+    honest = [_record(p, s1) for p in ("a", "b")]
+    assert _sync("me", s1, honest).confirmed(1, poisoned.state_sha256, s1.lineage) is None  # rejected, source distrusted
+    meta, arrays = s1.to_wire()
+    neg = [a.copy() for a in arrays]
+    neg[-1][0, 0] = -1.0
+    with pytest.raises(StateError, match="negative"):
+        TrainingState.from_wire(meta, neg, SHAPES, "fp", source="peer x")
+    with pytest.raises(StateError, match="past its round"):
+        TrainingState.from_wire(dict(meta, optimizer_step=5), arrays, SHAPES, "fp", source="peer x")
+
+
+def test_sybil_votes_count_only_for_members_of_recent_groups():
+    """Security review, item 3: fresh identities' progress records outvote nobody. A peer that has been in groups
+    counts only their members; a joiner also needs a majority of the group the state names."""
+    g = _genesis()
+    s1 = _step(g, "a", speeds={"a": 10.0, "b": 10.0, "me": 10.0})
+    fake = _step(g, "f", speeds={"a": 10.0, "b": 10.0, "me": 10.0})
+    honest = [_record(p, s1) for p in ("a", "b")]
+    # Sybils on the same chain (copied lineages) that report another state hash for round 1
+    sybils = [_record(f"sybil{i}", s1, history={"1": fake.state_sha256}) for i in range(6)]
+    running = _sync("me", s1, honest + sybils)
+    running.groups = {1: frozenset({"a", "b", "me"})}
+    running.history = {1: s1.state_sha256}
+    running.backend = types.SimpleNamespace(name="torch")
+    assert running.disagreement() is None                                        # the Sybils do not count
+    assert running.confirmed(1, s1.state_sha256, s1.lineage) is True
+    assert running.confirmed(1, fake.state_sha256, s1.lineage) is None
+    running.groups = {}
+    assert running.disagreement() == 1                                           # (as before: they would)
+    # a joiner: the state's own group must vouch for it (here the fake names a, b, me: they do not)
+    joiner = _sync("me", g, honest + sybils)
+    assert joiner.confirmed(1, fake.state_sha256, s1.lineage) is True           # (as before: a joiner is outvoted)
+    assert joiner.confirmed(1, fake.state_sha256, s1.lineage, group=set(fake.speeds)) is False

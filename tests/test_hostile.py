@@ -108,8 +108,8 @@ def test_oversized_message_is_refused_before_it_is_read(peers):
 
 def test_poisoned_state_is_rejected_and_the_joiner_downloads_the_swarms(peers):
     """x trains honestly but serves a poisoned adapter (with a self-consistent hash) at top priority:
-    the late joiner c rejects it (the peers that passed that round report another hash), never
-    downloads from x again, takes a's state, and ends identical to a."""
+    the late joiner c rejects it if it asks x (the peers that passed that round report another hash),
+    never downloads from x again, takes a's state, and ends identical to a."""
     rounds = 24  # long enough for c to start up (~15 s on a busy 2-core machine) while the swarm trains
     common = ["--max-rounds", str(rounds), "--min-peers", "2"]
     peers.start("a", *common)
@@ -123,7 +123,10 @@ def test_poisoned_state_is_rejected_and_the_joiner_downloads_the_swarms(peers):
     for name in "acx":
         assert peers.wait(name, 300) == 0, peers.log(name)[-3000:]
     log = peers.log("c")
-    assert "is not what the swarm's peers report; not downloading from it again" in log, log[-3000:]
+    # declared priorities are unsigned, so sources are asked in random order: c may never have asked x; if it did,
+    # it rejected x's state and named x
+    rejected = [ln for ln in log.splitlines() if "rejected state of round" in ln]
+    assert all("is not what the swarm's peers report; not downloading from it again" in ln for ln in rejected), log[-3000:]
     assert "downloaded state of round" in log
     ma, mc = (metrics(peers.base / n / "metrics.jsonl") for n in "ac")
     assert mc and ma[-1]["round"] == mc[-1]["round"] == rounds
@@ -183,3 +186,63 @@ def test_an_older_run_record_never_stops_running_peers(peers):
     assert [m["round"] for m in ma] == [1, 2, 3, 4] == [m["round"] for m in mb]
     assert ma[-1]["adapter_sha256"] == mb[-1]["adapter_sha256"]
     assert any("keeps the run it joined" in peers.log(n) for n in "ab")
+
+
+def _honest_pair(peers, mode: str, rounds: int = 3, min_peers: int = 3):
+    """a and b (honest) train `rounds` rounds with x (scripts/hostile_peer.py MODE): both exit 0, commit every round
+    with the same adapter, and never a traceback. Returns (a's metrics, b's metrics, ids)."""
+    from swarm.transport.hivemind_dht import peer_id_of
+
+    common = ["--max-rounds", str(rounds), "--min-peers", str(min_peers)]
+    peers.start("a", *common)
+    addrs = peers.addrs("a")
+    peers.start("b", *common, initial_peers=addrs)
+    peers.start("x", *common, initial_peers=addrs, program=[*EVIL, mode])
+    for name in "ab":
+        assert peers.wait(name, 300) == 0, peers.log(name)[-3000:]
+        assert "Traceback" not in peers.log(name)
+    ma, mb = (metrics(peers.base / n / "metrics.jsonl") for n in "ab")
+    assert [m["round"] for m in ma] == list(range(1, rounds + 1)) == [m["round"] for m in mb]
+    assert [m["adapter_sha256"] for m in ma] == [m["adapter_sha256"] for m in mb]
+    return ma, mb, {n: peer_id_of(peers.base / n / "identity.key") for n in "abx"}
+
+
+def test_a_peer_outside_the_plan_is_refused_from_the_group(peers):
+    """Scenario 6: x is in nobody's plan (it advertises paused) but joins every round's group with a plan of its
+    own: it is refused before any part moves (named in the log), and never in a group the honest peers apply."""
+    ma, mb, ids = _honest_pair(peers, "outsider", min_peers=2)
+    assert all(m["members"] == sorted([ids["a"], ids["b"]]) for m in ma + mb)
+    network = "".join((peers.base / n / "network.log").read_text() for n in "ab")
+    if ids["x"] in network:  # it reached an honest peer's matchmaking: refused, and why
+        assert "this round's plan" in network
+
+
+def test_a_claimed_speed_cannot_take_the_round(peers):
+    """Scenario 6: x advertises and shares 1e9 tokens/s; the plans give it at most SPEED_RATIO x the median peer's
+    share (not ~96 % of the round)."""
+    from swarm.planner import SPEED_RATIO
+
+    ma, mb, ids = _honest_pair(peers, "speed")
+    mx = metrics(peers.base / "x" / "metrics.jsonl")
+    for a, b, x in zip(ma, mb, mx):
+        total = a["quota_tokens"] + b["quota_tokens"] + x["quota_tokens"]
+        assert x["quota_tokens"] / total < SPEED_RATIO / (SPEED_RATIO + 2) + 0.05, (a, b, x)
+
+
+def test_sybil_votes_do_not_make_honest_peers_catch_up(peers):
+    """Scenario 3: x writes progress records of 6 fresh identities reporting another state for every round; a and b
+    count only members of their groups, so they never think their state is the minority's."""
+    ma, mb, ids = _honest_pair(peers, "sybil")
+    for n in "ab":
+        assert "differs from the swarm's" not in peers.log(n)
+
+
+def test_a_reducer_handing_out_different_results_is_caught_before_commit(peers):
+    """Scenario 1: x, as a reducer, hands one member a different averaged span. The members' signed result hashes
+    differ: nobody commits that round's result, x is named as the reducer, and the honest peers end identical."""
+    ma, mb, ids = _honest_pair(peers, "reducer")
+    for n in "ab":
+        log = peers.log(n)
+        assert f"rejected the contribution of peer {ids['x']}: handed members different results" in log, log[-3000:]
+        assert f"reducer(s) {ids['x']} handed members different results" in (peers.base / n / "network.log").read_text()
+    assert ma[-1]["members"] == sorted([ids["a"], ids["b"]])

@@ -33,6 +33,8 @@ class ReduceResult:
     rejections: dict[str, str] = field(default_factory=dict)  # members whose parts this peer's reducer rejected: why
     bytes_sent: int = 0                  # this peer's averaging traffic (framing included), failed attempts of the round too
     bytes_received: int = 0
+    spans: dict[str, tuple[int, int]] = field(default_factory=dict)  # member -> [start, end) of the vector it reduced
+    leader: str | None = None            # the member that assembled the group (None: unknown)
 
 
 StateProvider = Callable[[], tuple[dict, list[np.ndarray]]]
@@ -54,11 +56,12 @@ class Transport(Protocol):
 
     def all_reduce(self, vector: np.ndarray, *, group_key: str, group_size: int, gather: Any,
                    timeout: float, wait_until: float | None = None,
-                   abandon: Callable[[], str | None] | None = None) -> ReduceResult:
+                   abandon: Callable[[], str | None] | None = None, allowed: set[str] | None = None) -> ReduceResult:
         """Average `vector` (equal weights) with the peers calling it with the same group_key: wait for
         missing members until `wait_until` (swarm time), at once when `group_size` are there. While no
         group has formed yet, `abandon()` is asked every second: a reason it returns ends the attempt
-        (TransportError) without waiting for the deadline."""
+        (TransportError) without waiting for the deadline. `allowed`: the only peers that may be in the group
+        (this round's plan; each must announce `gather["plan"]`): others are refused before any part moves."""
 
     def reducing(self) -> bool:
         """Whether an all-reduce's group has formed and is exchanging parts right now."""
@@ -75,8 +78,8 @@ class Transport(Protocol):
     def download_state(self, timeout: float, min_round: int = 0,
                        skip: set[str] = frozenset()) -> tuple[dict, list[np.ndarray], str] | None:
         """(metadata, tensors, source) from some live peer not distrusted that announced state of round
-        `min_round` or later (newest first), not one in `skip` (sources as named here), or None when none
-        could serve it."""
+        `min_round` or later, not one in `skip` (sources as named here), or None when none could serve it
+        within `timeout` seconds (the whole download) and the state's size."""
 
     def distrust(self, source: str) -> None:
         """Never download state from `source` again (its state was rejected)."""

@@ -4,8 +4,15 @@
 - Every reducer checks each sender's part against what the sender announced (`swarm.averaging`)
   and sums a rejection marker in place of a part that fails, so the whole group reads the verdict.
 - Banned peers are refused in matchmaking, as leader and as follower.
-- State is never downloaded from a banned or distrusted peer, the newest declared state is asked first,
-  and the caller learns who served it.
+- Only members of this round's plan, announcing this round's plan id, are admitted to a group (as
+  follower, and as leader: a leader that assembles a group with an outsider is not followed again this
+  round); hivemind's unsigned gather fields (bandwidth, mode), which a leader relays and could rewrite
+  to reduce everything itself, must be the ones every swarm peer uses, and the group's leader is named.
+- State download is bounded: bytes (the state's known size), time (one deadline for the whole
+  download, one per source, cancelled when passed), and sources: declared priorities are unsigned,
+  so they only filter (>= the round wanted), never order; members of this peer's own groups are asked
+  first, the rest in random order; a source that is too slow or too big is not asked again for a while.
+- State is never downloaded from a banned or distrusted peer, and the caller learns who served it.
 - The group size follows the round plan, and the reducer sums in float64.
 """
 
@@ -13,9 +20,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import random
+import re
 import threading
+import time
 from typing import AsyncIterator
 
 import numpy as np
@@ -30,6 +40,7 @@ from hivemind.p2p import P2P, P2PContext, PeerID
 from hivemind.proto import averaging_pb2
 from hivemind.utils import MSGPackSerializer
 from hivemind.utils.asyncio import aiter_with_timeout, amap_in_executor, as_aiter, azip
+from hivemind.utils.crypto import RSAPublicKey
 from hivemind.utils.streaming import combine_from_streaming
 from hivemind.utils.timed_storage import ValueWithExpiration
 
@@ -39,6 +50,7 @@ from swarm.transport import hivemind_traffic
 from swarm.transport.base import StateProvider, TransportError
 
 MAX_MESSAGE_BYTES = 32 << 20  # largest message any peer may send us: parts are 512 KiB, state chunks 4 MiB
+SLOW_SOURCE = 60.0  # seconds a state source that was too slow or too big is not asked again
 _log = logging.getLogger("hivemind.swarm")
 
 
@@ -78,6 +90,36 @@ def is_member(key: SwarmKey | None, user_gathered: bytes, p2p_id: bytes) -> bool
         return isinstance(wrapper, dict) and key.check(wrapper.get("h"), *_proof_parts(wrapper, p2p_id))
     except Exception:
         return False
+
+
+def owner_of(public_key_marker: bytes) -> str:
+    """A peer's id in swarm records: a short hash of its RSA public key (so it can't be claimed by others)."""
+    return hashlib.sha256(public_key_marker).hexdigest()[:16]
+
+
+def signed_owner(wrapper: object, p2p_id: str, group_key: str) -> str | None:
+    """The swarm id whose RSA key signed this announcement (our wrapper {g, k, s}) for its libp2p id and this
+    group, or None."""
+    try:
+        key, sig, g = wrapper["k"], wrapper["s"], wrapper["g"]
+        m = re.fullmatch(rb"\[owner:(.+)\]", key, re.S)
+        body = MSGPackSerializer.dumps(g) + b"|" + p2p_id.encode() + b"|" + group_key.encode()
+        if m and isinstance(g, dict) and RSAPublicKey.from_bytes(m.group(1)).verify(body, sig):
+            return owner_of(key)
+    except Exception:
+        pass
+    return None
+
+
+SWARM_HEADER = (None, 0)  # hivemind's (bandwidth, mode) in every swarm peer's gather: default bandwidth, NODE
+
+
+def _header(gathered_bytes: bytes) -> tuple:
+    try:
+        bandwidth, mode, _ = MSGPackSerializer.loads(gathered_bytes)
+        return bandwidth, mode
+    except Exception:
+        return ("unreadable",)
 
 
 def _user_part(gathered_bytes: bytes) -> bytes:
@@ -254,8 +296,58 @@ class SwarmAverager(DecentralizedAverager):
         return self._rejected
 
     async def _take_rejections(self, future) -> None:
-        future.set_result(dict(self._rejections()))
+        future.set_result({**self._report(), "rejections": dict(self._rejections())})
         self._rejections().clear()
+        self._report().clear()
+
+    def _report(self) -> dict:
+        if not hasattr(self, "_last_report"):
+            self._last_report = {}
+        return self._last_report
+
+    # --- this round's plan (runs in the averager's process) ------------------------------------------------
+    def _outsiders(self) -> set:
+        if not hasattr(self, "_refused"):
+            self._refused = set()
+        return self._refused
+
+    def _leader(self) -> str | None:
+        leader = getattr(self._matchmaking, "_swarm_leader", None)
+        return leader.to_base58() if leader is not None else None
+
+    async def _set_round(self, allowed: list[str], plan_id: str, group_key: str, future) -> None:
+        if getattr(self, "_round", (None, None, None))[2] != group_key:
+            self._outsiders().clear()  # a new round, a new plan: refusals of the last one are forgotten
+        self._round = (frozenset(allowed), plan_id, group_key)
+        self._hook_matchmaking()
+        future.set_result(True)
+
+    def _why_outside(self, raw_user: bytes, p2p_id: str) -> str | None:
+        """Why a member (its announcement, relayed by hivemind) may not be in this round's group, or None."""
+        allowed, plan_id, group_key = getattr(self, "_round", (None, None, None))
+        if allowed is None:
+            return None
+        try:
+            wrapper = MSGPackSerializer.loads(raw_user)
+        except Exception:
+            wrapper = None
+        owner = signed_owner(wrapper, p2p_id, group_key)
+        if owner is None:
+            return "its announcement is not signed for this group"
+        if owner not in allowed:
+            return f"peer {owner} is not in this round's plan"
+        if wrapper["g"].get("plan") != plan_id:
+            return f"peer {owner} names another plan ({str(wrapper['g'].get('plan'))[:16]}, this peer's {plan_id})"
+        return None
+
+    def _outside_plan(self, group_info) -> dict[str, str]:
+        out = {}
+        for pid, raw in zip(group_info.peer_ids, group_info.gathered):
+            if pid != self.peer_id:
+                why = self._why_outside(_user_part(raw), pid.to_base58())
+                if why:
+                    out[pid.to_base58()] = why
+        return out
 
     async def _run_allreduce_inplace_(self, tensors, group_info, group_id=None, **kwargs):
         group_id = group_info.group_id if group_id is None else group_id
@@ -267,12 +359,35 @@ class SwarmAverager(DecentralizedAverager):
         if strangers:  # before any part is sent or accepted
             _log.warning("refused a group with non-member(s) %s (no valid swarm key proof)", [p.to_base58() for p in strangers])
             raise TransportError(f"group includes non-member(s) {sorted(p.to_base58() for p in strangers)}")
+        leader = self._leader()
+        rewritten = [pid.to_base58() for pid, raw in zip(group_info.peer_ids, group_info.gathered)
+                     if _header(raw) != SWARM_HEADER]
+        if rewritten:  # part sizes and modes come from these unsigned fields: only a leader could change another's
+            _log.warning("refused a group whose unsigned gather fields (bandwidth, mode) of %s are not a swarm peer's: "
+                         "rewritten by the group's leader %s", rewritten, leader)
+            if leader and leader != self.peer_id.to_base58():
+                self._outsiders().add(PeerID.from_base58(leader))
+            raise TransportError(f"group's leader {leader} rewrote the gather of member(s) {', '.join(rewritten)}")
+        outside = self._outside_plan(group_info)
+        if outside:
+            self._outsiders().update(PeerID.from_base58(p) for p in outside)
+            if leader and leader != self.peer_id.to_base58() and leader not in outside:
+                self._outsiders().add(PeerID.from_base58(leader))  # it let them in: don't follow it again this round
+            why = "; ".join(f"{p}: {w}" for p, w in outside.items())
+            _log.warning("refused a group with member(s) outside this round's plan (leader %s): %s", leader, why)
+            raise TransportError(f"group includes member(s) outside this round's plan ({why})")
         announced = {pid: _announced(raw) for pid, raw in zip(group_info.peer_ids, group_info.gathered)}
         runner = _CheckedRunner(p2p=self._p2p, servicer_type=type(self), prefix=self.prefix, tensors=tensors,
                                 group_id=group_id, ordered_peer_ids=group_info.peer_ids, announced=announced,
                                 clip_norm=self.clip_norm, max_norm_ratio=self.max_norm_ratio,
                                 on_reject=self._on_reject, **kwargs)
         self._running_groups[group_id].set_result(runner)
+        c, start, spans = runner.tensor_part_container, 0, []
+        for j, pid in enumerate(group_info.peer_ids):
+            size = sum(len(part) for part, _ in c._input_parts_by_peer[j])
+            spans.append((pid.to_base58(), start, start + size))
+            start += size
+        self._report().update(spans=spans, leader=leader)
         if runner.modes[group_info.peer_ids.index(self.peer_id)] != AveragingMode.AUX:
             async for tensor, update in azip(as_aiter(*tensors), runner):
                 tensor.add_(update, alpha=self._averaging_alpha)
@@ -289,53 +404,72 @@ class SwarmAverager(DecentralizedAverager):
         future.set_result(True)
 
     def load_state_from_peers(self, wait: bool = True, timeout: float | None = None, min_priority: float = 0.0,
-                              skip: tuple[str, ...] = ()):
-        """hivemind's, plus: only from peers declaring a priority (swarm: the round of their state) of at
-        least `min_priority`, and not from the peers in `skip`."""
+                              skip: tuple[str, ...] = (), max_bytes: int = 1 << 62, first: tuple[str, ...] = ()):
+        """hivemind's, bounded: at most `max_bytes` from a source, all of it within `timeout` seconds; only from
+        peers declaring a priority (swarm: the round of their state) of at least `min_priority` or listed in
+        `first` (asked first), never from the peers in `skip`."""
         from hivemind.utils.mpfuture import MPFuture
 
         future = MPFuture()
         self._outer_pipe.send(("_load_state_from_peers", [], dict(timeout=timeout, future=future, min_priority=min_priority,
-                                                                    skip=tuple(skip))))
-        return future.result(timeout=timeout) if wait else future
+                                                                    skip=tuple(skip), max_bytes=max_bytes, first=tuple(first))))
+        return future.result(timeout=None if timeout is None else timeout + 5.0) if wait else future
 
-    async def _load_state_from_peers(self, future, timeout=None, min_priority=0.0, skip=()):
-        """hivemind's state download, except: never from a banned peer or one whose state was rejected,
-        newest declared state first, and the result says which peer served it (so the caller can reject it
-        and try another)."""
-        if timeout is not None:
-            timeout = self.next_chunk_timeout if self.next_chunk_timeout is not None else self.request_timeout
+    async def _load_state_from_peers(self, future, timeout=None, min_priority=0.0, skip=(), max_bytes=1 << 62, first=()):
+        """Ask sources one at a time until one serves a whole state; the caller validates it (and may reject
+        the source). Never a banned, distrusted, skipped or recently too slow/too big source."""
+        deadline = time.monotonic() + (timeout if timeout is not None else 60.0)
+        chunk_timeout = self.next_chunk_timeout if self.next_chunk_timeout is not None else self.request_timeout
         try:
             key_manager = self._matchmaking.group_key_manager
             found, _ = self.dht.get(f"{key_manager.prefix}.all_averagers", latest=True) or ({}, None)
+            now = time.monotonic()
+            slow = getattr(self, "_slow", {})
             avoid = self._banned_ids() | getattr(self, "_distrusted", set()) | {self.peer_id}
-            avoid |= {PeerID.from_base58(p) for p in skip}
-            priority = {PeerID(p): (float(info.value), random.random()) for p, info in
-                        (found.items() if isinstance(found, dict) else ())
+            avoid |= {PeerID.from_base58(p) for p in skip} | {p for p, until in slow.items() if until > now}
+            declared = {PeerID(p) for p, info in (found.items() if isinstance(found, dict) else ())
                         if isinstance(info, ValueWithExpiration) and isinstance(info.value, (float, int))
                         and info.value >= min_priority}
-            for peer in sorted(set(priority) - avoid, key=priority.get, reverse=True):
+            preferred = []
+            for p in first:
                 try:
-                    stub = self.get_stub(self._p2p, peer, namespace=self.prefix)
-                    stream = await stub.rpc_download_state(averaging_pb2.DownloadRequest())
-                    metadata, parts, tensors = None, [], []
-                    async for message in aiter_with_timeout(stream, timeout=timeout):
-                        if message.metadata:
-                            metadata = self.serializer.loads(message.metadata)
-                        if message.tensor_part.dtype and parts:
-                            tensors.append(deserialize_torch_tensor(combine_from_streaming(parts)))
-                            parts = []
-                        parts.append(message.tensor_part)
-                    if parts:
-                        tensors.append(deserialize_torch_tensor(combine_from_streaming(parts)))
-                    if metadata:
-                        future.set_result((metadata, tensors, peer.to_base58()))
+                    preferred.append(PeerID.from_base58(p))
+                except Exception:
+                    pass
+            rest = sorted(declared - set(preferred) - avoid, key=lambda _: random.random())
+            for peer in [p for p in dict.fromkeys(preferred) if p not in avoid] + rest:
+                left = deadline - time.monotonic()
+                if left <= 0.5:
+                    break
+                try:
+                    got = await asyncio.wait_for(self._download_from(peer, chunk_timeout, max_bytes), left)
+                    if got is not None:
+                        future.set_result((*got, peer.to_base58()))
                         return
-                except Exception as e:
+                except Exception as e:  # too slow, too big, gone: ask the others, and not this one for a while
+                    self._slow = {**{p: t for p, t in slow.items() if t > now}, peer: time.monotonic() + SLOW_SOURCE}
                     _log.info("could not download state from %s: %r", peer, e)
         finally:
             if not future.done():
                 future.set_result(None)
+
+    async def _download_from(self, peer, chunk_timeout: float, max_bytes: int):
+        stub = self.get_stub(self._p2p, peer, namespace=self.prefix)
+        stream = await stub.rpc_download_state(averaging_pb2.DownloadRequest())
+        metadata, parts, tensors, received = None, [], [], 0
+        async for message in aiter_with_timeout(stream, timeout=chunk_timeout):
+            received += len(message.metadata) + len(message.tensor_part.buffer)
+            if received > max_bytes:
+                raise OversizedMessage(f"it sent more than the state's size ({max_bytes} bytes)")
+            if message.metadata:
+                metadata = self.serializer.loads(message.metadata)
+            if message.tensor_part.dtype and parts:
+                tensors.append(deserialize_torch_tensor(combine_from_streaming(parts)))
+                parts = []
+            parts.append(message.tensor_part)
+        if parts:
+            tensors.append(deserialize_torch_tensor(combine_from_streaming(parts)))
+        return (metadata, tensors) if metadata else None
 
     # --- members only (runs in the averager's process) ---------------------------------------------------
     async def rpc_download_state(self, request: averaging_pb2.DownloadRequest,
@@ -375,18 +509,40 @@ class SwarmAverager(DecentralizedAverager):
 
     async def _set_banned(self, ids: list[str], future) -> None:
         self._banned = {PeerID.from_base58(i) for i in ids}
-        mm = self._matchmaking
-        if not getattr(mm, "_swarm_hooked", False):  # refuse banned followers; never follow a banned leader
-            check, find = mm._check_reasons_to_reject, mm.group_key_manager.get_averagers
-
-            def check_reasons(request, context):
-                if context.remote_id in self._banned_ids():
-                    return averaging_pb2.MessageFromLeader(code=averaging_pb2.PROTOCOL_VIOLATION)
-                return check(request, context)
-
-            async def get_averagers(*args, **kw):
-                return [(p, t) for p, t in await find(*args, **kw) if p not in self._banned_ids()]
-
-            mm._check_reasons_to_reject, mm.group_key_manager.get_averagers = check_reasons, get_averagers
-            mm._swarm_hooked = True
+        self._hook_matchmaking()
         future.set_result(True)
+
+    def _hook_matchmaking(self) -> None:
+        """Refuse banned followers and followers outside this round's plan; never follow a banned leader or one
+        that assembled a group with outsiders this round; remember who led the group (to name it)."""
+        mm = self._matchmaking
+        if getattr(mm, "_swarm_hooked", False):
+            return
+        check, find = mm._check_reasons_to_reject, mm.group_key_manager.get_averagers
+        lead, follow = mm.leader_assemble_group, mm.follower_assemble_group
+
+        def check_reasons(request, context):
+            if context.remote_id in self._banned_ids() or context.remote_id in self._outsiders():
+                return averaging_pb2.MessageFromLeader(code=averaging_pb2.PROTOCOL_VIOLATION)
+            why = self._why_outside(_user_part(request.gather), context.remote_id.to_base58())
+            if why:
+                _log.warning("refused %s in matchmaking: %s", context.remote_id, why)
+                self._outsiders().add(context.remote_id)
+                return averaging_pb2.MessageFromLeader(code=averaging_pb2.PROTOCOL_VIOLATION)
+            return check(request, context)
+
+        async def get_averagers(*args, **kw):
+            avoid = self._banned_ids() | self._outsiders()
+            return [(p, t) for p, t in await find(*args, **kw) if p not in avoid]
+
+        async def leader_assemble_group(*args, **kw):
+            mm._swarm_leader = self.peer_id
+            return await lead(*args, **kw)
+
+        async def follower_assemble_group(leader, *args, **kw):
+            mm._swarm_leader = leader
+            return await follow(leader, *args, **kw)
+
+        mm._check_reasons_to_reject, mm.group_key_manager.get_averagers = check_reasons, get_averagers
+        mm.leader_assemble_group, mm.follower_assemble_group = leader_assemble_group, follower_assemble_group
+        mm._swarm_hooked = True

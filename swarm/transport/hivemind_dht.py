@@ -25,19 +25,23 @@ from hivemind.compression import NoCompression
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 from hivemind.utils import MSGPackSerializer
-from hivemind.utils.crypto import RSAPrivateKey, RSAPublicKey
+from hivemind.utils.crypto import RSAPrivateKey
 from hivemind.utils.timed_storage import ValueWithExpiration
 
 from swarm import SwarmError
 from swarm.key import SwarmKey
 from swarm.transport.base import ABANDONED, Record, ReduceResult, StateProvider, TransportError
-from swarm.transport.hivemind_averager import MAX_MESSAGE_BYTES, SwarmAverager, _proof_parts, member_proof
+from swarm.transport.hivemind_averager import (MAX_MESSAGE_BYTES, SwarmAverager, _proof_parts, member_proof, owner_of,
+                                               signed_owner)
 
 __all__ = ["HivemindTransport", "MAX_MESSAGE_BYTES", "load_identity", "owner_of", "peer_id_of"]
 
 ALL_INTERFACES = ("0.0.0.0", "::")
 GROUP_BITS = 16
 ABANDON_POLL = 1.0  # seconds between asks whether to stop looking for a group
+STATE_META_BYTES = 4 << 20  # a state's metadata and serialization overhead, at most
+MAX_RECORDS = 512          # values read under one DHT key, at most (the newest); more is not a swarm but an attack
+MAX_RECORD_BYTES = 128 << 10  # one value's serialized size, at most (a run record with its model config is ~10 KiB)
 
 
 def route_hivemind_logs(log_file: Path | None) -> None:
@@ -46,8 +50,9 @@ def route_hivemind_logs(log_file: Path | None) -> None:
     Touches only the "hivemind" and "asyncio" loggers, never the root logger.
     """
     hivemind.utils.logging.use_hivemind_log_handler("nowhere")
-    handler = logging.NullHandler() if log_file is None else logging.FileHandler(log_file)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"))
+    from swarm.logs import log_handler
+
+    handler = logging.NullHandler() if log_file is None else log_handler(log_file)
     # asyncio: hivemind's processes leave "Future exception was never retrieved" tracebacks when a peer dies
     for name in ("hivemind", "asyncio"):
         lg = logging.getLogger(name)
@@ -56,11 +61,6 @@ def route_hivemind_logs(log_file: Path | None) -> None:
             lg.removeHandler(h)
         lg.addHandler(handler)
         lg.setLevel(logging.INFO if name == "hivemind" else logging.WARNING)
-
-
-def owner_of(public_key_marker: bytes) -> str:
-    """A peer's id in swarm records: a short hash of its RSA public key (so it can't be claimed by others)."""
-    return hashlib.sha256(public_key_marker).hexdigest()[:16]
 
 
 def load_identity(path: Path | None) -> RSAPrivateKey:
@@ -185,6 +185,7 @@ class HivemindTransport:
         self._averager.run_in_background(await_ready=True)
         self._group_size = 2
         self._traffic = (0, 0)  # averaging bytes (sent, received) not yet reported in a ReduceResult
+        self._vector_size = vector_size
         self._p2p_of: dict[str, str] = {}  # swarm peer id -> libp2p peer id, learned from signed gathers
         self._banned: set[str] = set()
 
@@ -204,11 +205,22 @@ class HivemindTransport:
             found = self.dht.get(key, latest=True)
         if found is None or not isinstance(found.value, dict):
             return []
+        items = [(subkey, item) for subkey, item in found.value.items()
+                 if isinstance(subkey, bytes) and isinstance(item, ValueWithExpiration)
+                 and subkey.startswith(b"[owner:")]  # only signed records: an unsigned one has no owner
+        if len(items) > MAX_RECORDS:
+            logging.getLogger("swarm.transport").warning("key %s holds %d records: reading the newest %d", key, len(items),
+                                                         MAX_RECORDS)
+            items = sorted(items, key=lambda kv: -float(kv[1].expiration_time))[:MAX_RECORDS]
         out = []
-        for subkey, item in found.value.items():
-            if not isinstance(subkey, bytes) or not isinstance(item, ValueWithExpiration):
+        for subkey, item in items:
+            try:
+                size = len(MSGPackSerializer.dumps(item.value))
+            except Exception:
                 continue
-            if not subkey.startswith(b"[owner:"):  # only signed records: an unsigned one has no owner
+            if size > MAX_RECORD_BYTES:
+                logging.getLogger("swarm.transport").warning("dropped a %d-byte record under %s from %s (limit %d)",
+                                                             size, key, owner_of(subkey), MAX_RECORD_BYTES)
                 continue
             out.append(Record(owner=owner_of(subkey), value=item.value, expiration=float(item.expiration_time)))
         return out
@@ -216,8 +228,10 @@ class HivemindTransport:
     # --- averaging -------------------------------------------------------------------------
     def all_reduce(self, vector: np.ndarray, *, group_key: str, group_size: int, gather: Any,
                    timeout: float, wait_until: float | None = None,
-                   abandon: Callable[[], str | None] | None = None) -> ReduceResult:
+                   abandon: Callable[[], str | None] | None = None, allowed: set[str] | None = None) -> ReduceResult:
         start = time.perf_counter()
+        if allowed is not None:  # this round's plan: nobody else is admitted (as follower or leader)
+            self._averager._call("_set_round", sorted(allowed | {self.peer_id}), gather.get("plan"), group_key)
         # matchmaking waits for missing members until `wait_until` (the round's deadline, DHT time);
         # the group forms at once when all `group_size` members are there
         now = self.now()
@@ -239,7 +253,8 @@ class HivemindTransport:
         except Exception as e:
             raise TransportError(f"all-reduce failed: {type(e).__name__}: {e}") from None
         finally:
-            rejections = self._averager._call("_take_rejections")
+            report = self._averager._call("_take_rejections")
+            rejections = report.get("rejections", {})
             sent, received = self._averager._call("_take_traffic")  # failed attempts count in the next result
             self._traffic = (self._traffic[0] + sent, self._traffic[1] + received)
         if not gathered:
@@ -259,8 +274,11 @@ class HivemindTransport:
                                  "by a swarm key for their libp2p id (or names a peer twice)")
         by_owner = {owner: rejections[p2p] for owner, p2p in self._p2p_of.items() if p2p in rejections}
         (sent, received), self._traffic = self._traffic, (0, 0)
+        owners = {self._p2p_of[o]: o for o in members}
+        spans = {owners[p]: (a, b) for p, a, b in report.get("spans", ()) if p in owners}
+        leader = report.get("leader")
         return ReduceResult(vector=result, gathered=members, seconds=time.perf_counter() - start, rejections=by_owner,
-                            bytes_sent=sent, bytes_received=received)
+                            bytes_sent=sent, bytes_received=received, spans=spans, leader=owners.get(leader, leader))
 
     def reducing(self) -> bool:
         control = getattr(self, "_control", None)
@@ -293,17 +311,12 @@ class HivemindTransport:
     def _verify(self, wrapper: Any, p2p_id: str, group_key: str) -> str | None:
         """The swarm id that signed this member's announcement for its own libp2p id, or None."""
         try:
-            key, sig, g = wrapper["k"], wrapper["s"], wrapper["g"]
-            m = re.fullmatch(rb"\[owner:(.+)\]", key, re.S)
-            body = MSGPackSerializer.dumps(g) + b"|" + p2p_id.encode() + b"|" + group_key.encode()
             if getattr(self, "swarm_key", None) is not None and not self.swarm_key.check(
                     wrapper.get("h"), *_proof_parts(wrapper, p2p_id.encode())):
                 return None
-            if m and isinstance(g, dict) and RSAPublicKey.from_bytes(m.group(1)).verify(body, sig):
-                return owner_of(key)
         except Exception:
-            pass
-        return None
+            return None
+        return signed_owner(wrapper, p2p_id, group_key)
 
     def ban(self, peer_ids: set[str]) -> None:
         """Refuse these swarm peers in matchmaking (as leader and as follower) until the next call."""
@@ -324,9 +337,12 @@ class HivemindTransport:
 
     def download_state(self, timeout: float, min_round: int = 0,
                        skip: set[str] = frozenset()) -> tuple[dict, list[np.ndarray], str] | None:
+        # the state is the adapter and two optimizer moments (float32) plus metadata: nothing bigger is a state
+        max_bytes = 3 * 4 * self._vector_size + STATE_META_BYTES
         try:
             got = self._averager.load_state_from_peers(timeout=timeout, min_priority=float(min_round),
-                                                       skip=tuple(skip))
+                                                       skip=tuple(skip), max_bytes=max_bytes,
+                                                       first=tuple(self._p2p_of.values()))  # peers met in signed groups
         except Exception:
             return None
         if not got:
