@@ -28,7 +28,19 @@ def test_decide(paused, samples, battery, expected):
     assert decide(paused, samples, battery, P) is expected
 
 
+def _others_load(seconds: float = 2.0) -> float:
+    """Other processes' CPU load (0..1 of all cores) over `seconds`, as the monitor measures it."""
+    probe = Monitor()
+    probe.sample()
+    time.sleep(seconds)
+    return probe.sample()[0]
+
+
 def test_monitor_pauses_under_synthetic_load_from_another_process_and_resumes():
+    # the premise is a machine quiet but for the hogs below: on one already kept busy by something else (a
+    # benchmark, a second test run) "resumes once the hogs stop" cannot be observed
+    if (busy := _others_load()) > 0.35:
+        pytest.skip(f"the machine is already busy ({busy:.0%} of its CPU in other processes): the resume cannot be seen")
     changes = []
     mon = Monitor(Policy(busy_above=0.6, busy_for=2, quiet_below=0.45, quiet_for=2, pause_on_battery=False),
                   on_change=lambda paused, load, _: changes.append((paused, load)), period=0.5).start()
