@@ -126,9 +126,10 @@ class LocalSteps:
             part = backend.train(itertools.islice(it, n))
             if not part.tokens:
                 break  # cut short (deadline, stop, pause): contribute what was trained
-            flat, _ = clip_by_norm(flatten(part.grads, self.names), t.max_grad_norm)
+            grads = {**part.grads, **{n: np.zeros_like(start[n]) for n in frozen}}  # the frozen factor gets no step
+            flat, _ = clip_by_norm(flatten(grads, self.names), t.max_grad_norm)
             backend.apply_update(unflatten(flat, self.names, self.shapes))
-            if frozen:
+            if frozen:  # AdamW's momentum (and weight decay) would still move it: put it back
                 backend.set_adapter({**backend.get_adapter(), **frozen})
             tokens += part.tokens
             loss_sum += part.loss_sum
@@ -137,13 +138,14 @@ class LocalSteps:
         return TrainResult(grads=pseudo, tokens=tokens, loss_sum=loss_sum, seconds=time.perf_counter() - t0)
 
     def commit(self, backend, start: dict[str, np.ndarray], mean_pseudo_grad: dict[str, np.ndarray],
-               momentum: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-        """The outer step on the round's start adapter; the backend then holds the new adapter (inner moments kept)."""
+               momentum: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The outer step on the round's start adapter: the backend then holds the new adapter (its inner moments
+        are kept); returns the new momentum."""
         t = self.train_config
         adapter, new_m = outer_step(start, mean_pseudo_grad, momentum, t.outer_lr, t.outer_momentum)
         backend.set_adapter(adapter)
         self._inner = None
-        return adapter, new_m
+        return new_m
 
     def restore(self, backend, start: dict[str, np.ndarray]) -> None:
         """Nothing applied this round: back to its start adapter and inner moments."""

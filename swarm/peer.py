@@ -545,17 +545,15 @@ class Peer(StateSync):
 
     # ------------------------------------------------------------------------------ commit
     def commit(self, outcome: RoundOutcome, rnd: int) -> TrainingState:
-        if self.local:  # the outer step on the round's start adapter (the inner optimizer stays this peer's own)
-            _, momentum = self.local.commit(self.backend, self.state.adapter, outcome.mean_grads, self.state.momentum)
-        else:
-            self.backend.apply_update(outcome.mean_grads)
+        momentum = self.local.commit(self.backend, self.state.adapter, outcome.mean_grads, self.state.momentum) \
+            if self.local else self.backend.apply_update(outcome.mean_grads)  # local steps: the outer step (DiLoCo)
         self.last_group = list(outcome.members)
         # the same update on every member, from the same shared numbers: they plan the next round alike
         old = self.state.speeds
         speeds = {p: s if p not in old else 0.5 * old[p] + 0.5 * s for p, s in sorted(outcome.speeds.items())}
         state = self._hold(self.state.successor(round_=rnd, adapter=self.backend.get_adapter(),
                                                 optimizer=shared_optimizer() if self.local else self.backend.get_optimizer(),
-                                                momentum=momentum if self.local else None, update_sha256=outcome.update_sha256,
+                                                momentum=momentum, update_sha256=outcome.update_sha256,
                                                 tokens=outcome.group_tokens, speeds=speeds,
                                                 round_seconds=outcome.slowest_seconds or None))
         self.save_outputs(state)

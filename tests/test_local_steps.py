@@ -144,3 +144,57 @@ def test_testbed_local_steps_identical_every_outer_round_and_loss_falls(tmp_path
     # the checkpoint holds the outer momentum (and no inner AdamW moments: those stay each peer's own)
     meta = json.loads((out / "peer0" / "checkpoint" / "meta.json").read_text())
     assert meta["momentum"] is True and meta["round"] == 3 and meta["optimizer_step"] == 0
+
+
+class _Quadratic:
+    """A stand-in backend: loss 0.5 ||p - target||^2 per token, SGD inner steps, a step counter as 'optimizer'."""
+
+    def __init__(self, start):
+        self.p = {k: v.copy() for k, v in start.items()}
+        self.steps, self.calls = 0, []
+
+    def train(self, batches):
+        from swarm.backends.base import TrainResult
+
+        n = sum(len(b) for b in batches)
+        self.calls.append(n)
+        return TrainResult(grads={k: (v - 1.0).astype(np.float32) for k, v in self.p.items()}, tokens=n,
+                           loss_sum=float(n), seconds=0.0)
+
+    def apply_update(self, g):
+        self.steps += 1
+        self.p = {k: (v - 0.25 * g[k]).astype(np.float32) for k, v in self.p.items()}
+
+    def get_adapter(self):
+        return {k: v.copy() for k, v in self.p.items()}
+
+    def set_adapter(self, t):
+        self.p = {k: np.asarray(v, np.float32).copy() for k, v in t.items()}
+
+    def get_optimizer(self):
+        return OptimizerState(step=self.steps)
+
+    def set_optimizer(self, s):
+        self.steps = s.step
+
+
+@pytest.mark.parametrize("factor", ["both", "alternate"])
+def test_inner_loop_takes_h_steps_returns_the_pseudo_gradient_and_restores(factor):
+    from swarm.local_steps import LocalSteps
+
+    t = RunConfig.model_validate({"train": {"local_steps": 3, "lora_factor": factor, "max_grad_norm": 100.0}}).train
+    start = {"m.lora_A": np.zeros((1, 2), np.float32), "m.lora_B": np.zeros((2, 1), np.float32)}
+    be = _Quadratic(start)
+    local = LocalSteps(t, sorted(start), {k: v.shape for k, v in start.items()})
+    res = local.train(be, [np.zeros((1, 3))] * 7, 7, 1, start)
+    assert be.calls == [3, 2, 2] and be.steps == 3 and res.tokens == 7   # 7 micro-batches in 3 inner steps
+    moved = 1 - 0.75 ** 3  # three SGD steps of 0.25 towards 1 from 0
+    np.testing.assert_allclose(res.grads["m.lora_B"], -moved, rtol=1e-6)   # start - end
+    np.testing.assert_allclose(res.grads["m.lora_A"], 0.0 if factor == "alternate" else -moved, rtol=1e-6)
+    local.restore(be, start)  # a rolled-back round: the start adapter and inner state come back
+    assert be.steps == 0 and all(np.array_equal(be.p[k], start[k]) for k in start)
+    res = local.train(be, [np.zeros((1, 3))] * 2, 2, 2, start)  # fewer micro-batches than H: fewer steps
+    assert be.steps == 2 and res.tokens == 2
+    m = local.commit(be, start, {k: np.full(v.shape, 0.1, np.float32) for k, v in start.items()}, {})
+    np.testing.assert_allclose(be.p["m.lora_A"], -0.7 * 0.1 * 1.9, rtol=1e-6)
+    assert np.allclose(m["m.lora_A"], 0.1)
