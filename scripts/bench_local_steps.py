@@ -68,11 +68,15 @@ def run_testbed(out: Path, config: dict, peers: int, rounds: int, timeout: float
     if p.returncode != 0:
         raise SystemExit(f"testbed for {config['name']} failed ({p.returncode}):\n{log[-3000:]}")
     rows = [read_metrics(out / "bed" / f"peer{k}" / "metrics.jsonl") for k in range(peers)]
-    tokens = sum(r["group_tokens"] for r in rows[0])
+    by_round: dict[int, dict] = {}  # a peer that caught up by download has no row for the rounds it skipped
+    for peer in rows:
+        for r in peer:
+            by_round.setdefault(r["round"], {"tokens": r["group_tokens"], "hashes": set()})["hashes"].add(r["adapter_sha256"])
+    tokens = sum(r["tokens"] for r in by_round.values())
     sent = sum(r["bytes_sent"] for peer in rows for r in peer)
-    hashes = {tuple(r["adapter_sha256"] for r in peer) for peer in rows}
-    return {"tokens": tokens, "bytes_per_token": sent / tokens, "rounds": len(rows[0]), "wall": wall,
-            "identical": len(hashes) == 1, "checkpoint": out / "bed" / "peer0" / "checkpoint"}
+    return {"tokens": tokens, "bytes_per_token": sent / tokens, "rounds": len(by_round), "wall": wall,
+            "identical": all(len(r["hashes"]) == 1 for r in by_round.values()),
+            "checkpoint": out / "bed" / "peer0" / "checkpoint"}
 
 
 def held_out_loss(config: dict, checkpoint: Path) -> float:
@@ -108,7 +112,9 @@ def ab_problem(config: dict, checkpoint: Path, peers: int, steps: list[int]) -> 
     out = []
     for h in steps:
         for factor in ("both", "alternate"):
-            run = RunConfig.model_validate({**config, "train": {**config["train"], "local_steps": h, "lora_factor": factor}})
+            t = config["train"]  # the sync run's: each inner step trains its round's tokens
+            run = RunConfig.model_validate({**config, "train": {**t, "local_steps": h, "lora_factor": factor,
+                                                                "tokens_per_round": t["tokens_per_round"] * h}})
             model_dir = resolve_model_dir(run.model)
             backend = load_backend("torch", run=run, model_dir=model_dir, threads=2, seed=0)
             names = backend.adapter_names()

@@ -80,6 +80,12 @@ class TrainConfig(_Strict):
         "differ from the average of the products B.A by a second-order term); alternate: only B in odd rounds, only A in "
         "even ones (RoLoRA), so the averaged update of B.A is exact")
 
+    @model_validator(mode="after")
+    def _local(self) -> "TrainConfig":
+        if self.lora_factor != "both" and self.local_steps == 1:
+            raise ValueError("train.lora_factor alternate is for local-steps mode: set train.local_steps > 1")
+        return self
+
 
 class DataConfig(_Strict):
     """The training text."""

@@ -72,7 +72,8 @@ def test_config_fields_fingerprint_and_clip():
     assert averaging_clip(default.train, 1000) == default.train.max_grad_norm
     bound = averaging_clip(local.train, 1000)  # a power of two above H AdamW steps of ~lr per value
     assert bound >= 4 * local.train.lr * 1000 ** 0.5 and bound == 2.0 ** round(np.log2(bound))
-    for bad in ({"local_steps": 0}, {"outer_momentum": 1.0}, {"lora_factor": "freeze"}, {"outer_lr": 0}):
+    for bad in ({"local_steps": 0}, {"outer_momentum": 1.0}, {"lora_factor": "freeze"}, {"outer_lr": 0},
+                {"lora_factor": "alternate"}):
         with pytest.raises(Exception):
             RunConfig.model_validate({"train": bad})
 
