@@ -8,12 +8,14 @@ Lineage: a state's identity across frameworks. torch and MLX peers hold adapters
 float tolerance, but every member of a group applies the bit-identical averaged update, so a chain
 hash over the updates names "the same state" on every framework:
     lineage(0) = H(fingerprint, initial adapter hash)
-    lineage(r) = H(lineage(r-1), r, H(averaged update), work(r), pace(r))
+    lineage(r) = H(lineage(r-1), r, H(averaged update), work(r), pace(r) [, H(outer momentum)])
 where work(r) is the tokens the swarm trained in rounds 1..r on this chain and pace(r) the speeds and
 round time the next plan is made from. Members average only with members of the same lineage (it is
 part of the group key), forks are told apart and ranked by it (heaviest work wins), and because the
 pace and the work are inside the hash, a downloaded state's pace is covered by the same majority check
-as its lineage.
+as its lineage. In local-steps mode (swarm.local_steps) the state also carries the outer optimizer's
+momentum buffer, bit-identical on every member; its hash is the lineage's last field, so the same
+majority check covers it (a state without momentum hashes exactly as before the mode existed).
 """
 
 from __future__ import annotations
@@ -43,9 +45,10 @@ def genesis_lineage(fingerprint: str, adapter_sha: str) -> str:
 
 
 def next_lineage(parent: str, round_: int, update_sha256: str, work: int, speeds: dict[str, float],
-                 round_seconds: float | None) -> str:
+                 round_seconds: float | None, momentum_sha256: str = "") -> str:
     pace = json.dumps([sorted(speeds.items()), round_seconds], separators=(",", ":"))
-    return hashlib.sha256(f"{parent}|{round_}|{update_sha256}|{work}|{pace}".encode()).hexdigest()
+    outer = f"|{momentum_sha256}" if momentum_sha256 else ""
+    return hashlib.sha256(f"{parent}|{round_}|{update_sha256}|{work}|{pace}{outer}".encode()).hexdigest()
 
 
 class StateError(SwarmError):
@@ -68,6 +71,7 @@ class TrainingState:
     update_sha256: str = ""           # hash of the averaged update applied in this round
     work: int = 0                     # tokens trained by the swarm in rounds 1..round on this chain
     ancestry: dict[int, tuple[str, int]] = field(default_factory=dict)  # recent round -> (lineage, work), this one included
+    momentum: dict[str, np.ndarray] = field(default_factory=dict)  # local-steps mode: the outer Nesterov buffer ({} = none)
 
     def __post_init__(self) -> None:
         if not self.lineage:
@@ -92,6 +96,10 @@ class TrainingState:
                 h.update(np.ascontiguousarray(moments[name], dtype=np.float32).tobytes())
         return h.hexdigest()
 
+    @property
+    def momentum_sha256(self) -> str:
+        return adapter_sha256(self.momentum) if self.momentum else ""
+
     def verified_lineage(self) -> bool:
         """Does the lineage follow from what the state carries (parent, update, work, pace)?"""
         if self.round == 0:
@@ -99,7 +107,7 @@ class TrainingState:
         if not self.parent:  # a state from before lineages: nothing to check it against
             return self.lineage == hashlib.sha256(f"swarm-legacy|{self.round}|{self.adapter_sha256}".encode()).hexdigest()
         return self.lineage == next_lineage(self.parent, self.round, self.update_sha256, self.work, self.speeds,
-                                            self.round_seconds)
+                                            self.round_seconds, self.momentum_sha256)
 
     # --- wire: (metadata, [arrays]) ------------------------------------------------------------
     def to_wire(self) -> tuple[dict, list[np.ndarray]]:
@@ -108,11 +116,15 @@ class TrainingState:
         arrays = [self.adapter[n] for n in names]
         if has_opt:
             arrays += [self.optimizer.exp_avg[n] for n in names] + [self.optimizer.exp_avg_sq[n] for n in names]
+        if self.momentum:
+            arrays += [self.momentum[n] for n in names]
         meta = {"round": self.round, "fingerprint": self.fingerprint, "names": names, "optimizer_step": self.optimizer.step,
                 "adapter_sha256": self.adapter_sha256, "speeds": dict(sorted(self.speeds.items())),
                 "round_seconds": self.round_seconds, "lineage": self.lineage, "parent": self.parent,
                 "update_sha256": self.update_sha256, "work": self.work,
                 "ancestry": [[r, lin, w] for r, (lin, w) in sorted(self.ancestry.items())]}
+        if self.momentum:
+            meta["momentum"] = True
         return meta, [np.ascontiguousarray(a, dtype=np.float32) for a in arrays]
 
     @classmethod
@@ -131,7 +143,10 @@ class TrainingState:
             raise StateError(f"state from {source}: bad round or optimizer step")
         if step > rnd:  # one optimizer step per committed round
             raise StateError(f"state from {source}: optimizer step {step} is past its round {rnd}")
-        expected = len(names) * (3 if step > 0 else 1)
+        has_momentum = meta.get("momentum", False)
+        if type(has_momentum) is not bool:
+            raise StateError(f"state from {source}: bad momentum flag")
+        expected = len(names) * ((3 if step > 0 else 1) + has_momentum)
         if len(arrays) != expected:
             raise StateError(f"state from {source}: {len(arrays)} tensors, expected {expected}")
         arrays = [np.asarray(a) for a in arrays]
@@ -148,7 +163,8 @@ class TrainingState:
         opt = OptimizerState(step=step)
         if step > 0:
             opt.exp_avg = dict(zip(names, arrays[k:2 * k]))
-            opt.exp_avg_sq = dict(zip(names, arrays[2 * k:]))
+            opt.exp_avg_sq = dict(zip(names, arrays[2 * k:3 * k]))
+        momentum = dict(zip(names, arrays[-k:])) if has_momentum else {}
         speeds, seconds = meta.get("speeds", {}), meta.get("round_seconds")
         if not (isinstance(speeds, dict) and len(speeds) <= MAX_SPEEDS and all(
                 isinstance(k, str) and len(k) <= 128 and type(v) is float and math.isfinite(v) and 0 < v < 1e9
@@ -168,7 +184,7 @@ class TrainingState:
             raise StateError(f"state from {source}: bad lineage")
         state = cls(round=rnd, adapter=adapter, optimizer=opt, fingerprint=fingerprint, speeds=speeds,
                     round_seconds=seconds, lineage=lineage, parent=parent, update_sha256=update, work=work,
-                    ancestry={a[0]: (a[1], a[2]) for a in ancestry})
+                    ancestry={a[0]: (a[1], a[2]) for a in ancestry}, momentum=momentum)
         if state.adapter_sha256 != meta.get("adapter_sha256"):
             raise StateError(f"state from {source}: adapter hash does not match its metadata")
         if not state.verified_lineage():
@@ -176,13 +192,17 @@ class TrainingState:
         return state
 
     def successor(self, *, round_: int, adapter: dict[str, np.ndarray], optimizer: OptimizerState,
-                  update_sha256: str, tokens: int, speeds: dict[str, float], round_seconds: float | None) -> "TrainingState":
-        """The state after applying round `round_`'s averaged update (hash `update_sha256`, `tokens` trained)."""
+                  update_sha256: str, tokens: int, speeds: dict[str, float], round_seconds: float | None,
+                  momentum: dict[str, np.ndarray] | None = None) -> "TrainingState":
+        """The state after applying round `round_`'s averaged update (hash `update_sha256`, `tokens` trained);
+        `momentum`: the outer momentum after it (local-steps mode)."""
         work = min(self.work + tokens, MAX_WORK)
-        lineage = next_lineage(self.lineage, round_, update_sha256, work, speeds, round_seconds)
+        momentum = momentum or {}
+        lineage = next_lineage(self.lineage, round_, update_sha256, work, speeds, round_seconds,
+                               adapter_sha256(momentum) if momentum else "")
         return TrainingState(round=round_, adapter=adapter, optimizer=optimizer, fingerprint=self.fingerprint,
                              speeds=speeds, round_seconds=round_seconds, lineage=lineage, parent=self.lineage,
-                             update_sha256=update_sha256, work=work, ancestry=dict(self.ancestry))
+                             update_sha256=update_sha256, work=work, ancestry=dict(self.ancestry), momentum=momentum)
 
 
 # --- disk ----------------------------------------------------------------------------------------

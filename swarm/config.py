@@ -69,6 +69,22 @@ class TrainConfig(_Strict):
         ("fp32", "bf16", "fp16", "nf4"), min_length=1, max_length=4,
         description="precisions of the frozen base a peer may train in (swarm.precision); each peer picks the most "
         "precise one it can run. The adapter, its gradients and optimizer state are fp32 on every peer")
+    local_steps: int = Field(
+        1, ge=1, le=1024, description="local-steps mode (DiLoCo, swarm.local_steps): each peer splits its round quota into "
+        "this many inner AdamW steps, then the swarm averages the pseudo-gradient (start - end adapter) and every peer "
+        "applies one outer Nesterov step to the round's start adapter. 1 = averaged gradient, one AdamW step per round")
+    outer_lr: float = Field(0.7, gt=0, le=10, description="local-steps mode: learning rate of the outer Nesterov SGD step")
+    outer_momentum: float = Field(0.9, ge=0, lt=1, description="local-steps mode: momentum of the outer Nesterov SGD step")
+    lora_factor: Literal["both", "alternate"] = Field(
+        "both", description="local-steps mode: which LoRA factors train in an outer round. both: A and B (their averages "
+        "differ from the average of the products B.A by a second-order term); alternate: only B in odd rounds, only A in "
+        "even ones (RoLoRA), so the averaged update of B.A is exact")
+
+    @model_validator(mode="after")
+    def _local(self) -> "TrainConfig":
+        if self.lora_factor != "both" and self.local_steps == 1:
+            raise ValueError("train.lora_factor alternate is for local-steps mode: set train.local_steps > 1")
+        return self
 
 
 class DataConfig(_Strict):
@@ -132,7 +148,8 @@ class RunConfig(_Strict):
     def fingerprint(self) -> str:
         """Hash of what must match across peers (model choice, adapter shape, optimizer; the dataset when named by hash)."""
         # the base precision is per peer (swarm.precision): the allowed list is not part of what must match
-        agreed = self.model_dump(mode="json", exclude={"averaging": True, "data": True, "train": {"precisions"}})
+        local = {"local_steps", "outer_lr", "outer_momentum", "lora_factor"}
+        agreed = self.model_dump(mode="json", exclude={"averaging": True, "data": True, "train": {"precisions", *local}})
         agreed["model"].pop("path", None)
         d = self.data
         if d.sha256 is not None:  # a named dataset: peers must train the same bytes, read the same way
@@ -141,6 +158,9 @@ class RunConfig(_Strict):
             agreed["data"] = {"private": True, "format": d.format, "packing": d.packing}
         if d.eval_fraction or d.eval_every:  # which examples are never trained on, and when the swarm evaluates
             agreed["eval"] = {"fraction": d.eval_fraction, "every": d.eval_every}
+        t = self.train
+        if t.local_steps != 1:  # local-steps mode (an H=1 run's fingerprint is what it was before the mode existed)
+            agreed["local"] = {k: getattr(t, k) for k in sorted(local)}
         return hashlib.sha256(json.dumps(agreed, sort_keys=True).encode()).hexdigest()[:16]
 
 

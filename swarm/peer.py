@@ -22,6 +22,7 @@ from swarm.backends.base import TrainResult
 from swarm.checkpoint import TrainingState
 from swarm.config import load_config
 from swarm.datasets import local_data
+from swarm.local_steps import LocalSteps, averaging_clip, shared_optimizer
 from swarm.metrics import MetricsFile, Reporter
 from swarm.planner import RoundPlan, paced_adverts, plan_round, shared_pace
 from swarm.records import CapabilityAdvert, ProgressRecord, RunRecord
@@ -140,7 +141,7 @@ class Peer(StateSync):
                                       matchmaking_time=self.run.averaging.matchmaking_time,
                                       allreduce_timeout=self.run.averaging.allreduce_timeout,
                                       chunk_timeout=self.run.averaging.chunk_timeout,
-                                      clip_norm=self.run.train.max_grad_norm,
+                                      clip_norm=averaging_clip(self.run.train, self.vector_size),
                                       max_norm_ratio=self.run.averaging.max_norm_ratio)
         self.transport.serve_state(self._serve_state)
         self.metrics = MetricsFile(self.out / "metrics.jsonl")
@@ -178,6 +179,7 @@ class Peer(StateSync):
         adapter = self.backend.get_adapter()
         self.shapes = {n: tuple(adapter[n].shape) for n in self.names}
         self.vector_size = sum(int(np.prod(s)) for s in self.shapes.values())
+        self.local = LocalSteps(run.train, self.names, self.shapes) if run.train.local_steps > 1 else None  # DiLoCo
         from swarm.datasets import load_run_data
         from swarm.evaluation import Evaluation
 
@@ -450,7 +452,8 @@ class Peer(StateSync):
                                      self.settings.seed, rnd, peer_key(self.me))
         self.pacer = Pacer(batches, deadline=self.round_started + plan.deadline_seconds,
                            max_utilization=self.settings.max_utilization, stop=lambda: stop() or self.paused)
-        result = self.backend.train(self.pacer)
+        result = self.local.train(self.backend, self.pacer, task.accumulation_steps, rnd, self.state.adapter) \
+            if self.local else self.backend.train(self.pacer)
         compute = result.seconds - self.pacer.slept
         self.last_speed = result.tokens / compute if result.tokens and compute > 0 else 0.0
         if self.last_speed:
@@ -483,7 +486,7 @@ class Peer(StateSync):
 
             outcome = average_round(self.transport, train, names=self.names, shapes=self.shapes, round_=rnd,
                                     plan_id=plan.plan_id, group_size=len(group),
-                                    clip_norm=self.run.train.max_grad_norm, timeout=timeout, run=self.run.name,
+                                    clip_norm=averaging_clip(self.run.train, self.vector_size), timeout=timeout, run=self.run.name,
                                     wait_until=wait_until, speed=self.last_speed,
                                     quotas={t.peer_id: t.quota_tokens for t in plan.tasks},
                                     max_tokens=self.run.train.tokens_per_round, abandon=abandon,
@@ -540,12 +543,14 @@ class Peer(StateSync):
 
     # ------------------------------------------------------------------------------ commit
     def commit(self, outcome: RoundOutcome, rnd: int) -> TrainingState:
-        self.backend.apply_update(outcome.mean_grads)
+        momentum = self.local.commit(self.backend, self.state.adapter, outcome.mean_grads, self.state.momentum) \
+            if self.local else self.backend.apply_update(outcome.mean_grads)  # local steps: the outer step (DiLoCo)
         self.last_group = list(outcome.members)
         # the same update on every member, from the same shared numbers: they plan the next round alike
         speeds = shared_pace(self.state.speeds, outcome.speeds)
         state = self._hold(self.state.successor(round_=rnd, adapter=self.backend.get_adapter(),
-                                                optimizer=self.backend.get_optimizer(), update_sha256=outcome.update_sha256,
+                                                optimizer=shared_optimizer() if self.local else self.backend.get_optimizer(),
+                                                momentum=momentum, update_sha256=outcome.update_sha256,
                                                 tokens=outcome.group_tokens, speeds=speeds,
                                                 round_seconds=outcome.slowest_seconds or None))
         self.save_outputs(state)
@@ -597,6 +602,8 @@ class Peer(StateSync):
     def roll_back(self, outcome: RoundOutcome, rnd: int, stop) -> TrainingState:
         """The round failed here: nothing was applied. Retry it, or catch up if the swarm went on without us."""
         self.log.warn(f"round not applied: {outcome.reason}", rnd)
+        if self.local:
+            self.local.restore(self.backend, self.state.adapter)
         until = time.monotonic() + self.run.averaging.matchmaking_time
         while time.monotonic() < until and not stop():
             if self._swarm_round() >= rnd:
