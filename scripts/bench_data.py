@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import subprocess
+import signal
 import sys
 import tempfile
 import time
@@ -153,6 +154,7 @@ def throughput(work: Path, n_examples: int, steps: int, reps: int = 3) -> list[t
 
 
 def main() -> None:
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `timeout`/kill: unwind, so child processes are stopped
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=8)
     p.add_argument("--examples", type=int, default=400)

@@ -164,6 +164,7 @@ class Procs:
 
 
 def main() -> int:
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `timeout`/kill: unwind, so child processes are stopped
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--output", default=None, help="where peers write (default: a temporary directory)")
     args = ap.parse_args()

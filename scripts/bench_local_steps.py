@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import subprocess
+import signal
 import sys
 import tempfile
 import time
@@ -135,6 +136,7 @@ def ab_problem(config: dict, checkpoint: Path, peers: int, steps: list[int]) -> 
 
 
 def main() -> int:
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `timeout`/kill: unwind, so child processes are stopped
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--peers", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=24, help="sync rounds (the token budget is rounds x tokens-per-round)")

@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import subprocess
+import signal
 import sys
 import tempfile
 import time
@@ -199,6 +200,7 @@ def part3(args) -> None:
 
 
 def main() -> int:
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `timeout`/kill: unwind, so child processes are stopped
     if len(sys.argv) == 3 and sys.argv[1] == "--child":
         print(json.dumps(child(json.loads(sys.argv[2]))))
         return 0

@@ -110,6 +110,7 @@ def wait_addr(out: Path, timeout=120) -> list[str]:
 
 
 def main() -> int:
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `timeout`/kill: unwind, so child processes are stopped
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=10, help="2-peer rounds to measure (after a warm-up round)")
     ap.add_argument("--tokens-per-round", type=int, default=None, help="override the default run's round size")

@@ -210,6 +210,7 @@ def partition(base: Path, *, rounds: int = 30, apart: int = 5, timeout: float = 
 
 
 def main() -> int:
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `timeout`/kill: unwind, so child processes are stopped
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--trials", type=int, default=3)
     p.add_argument("--peers", type=int, default=4)

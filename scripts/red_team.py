@@ -144,6 +144,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--timeout", type=float, default=240.0, help="seconds the honest peers get to finish")
     a = ap.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `timeout`/kill: run the finally that kills the peers
     bad = [m for m in a.modes if m not in MODES]
     if bad or a.rounds < 1 or a.timeout <= 0:
         print(f"red_team: unknown mode(s) {bad} (modes: {', '.join(MODES)})" if bad else "red_team: bad --rounds/--timeout",
