@@ -183,7 +183,12 @@ def test_an_older_run_record_never_stops_running_peers(peers):
     for name in "ab":
         assert peers.wait(name, 300) == 0, peers.log(name)[-3000:]
     ma, mb = (metrics(peers.base / n / "metrics.jsonl") for n in "ab")
-    assert [m["round"] for m in ma] == [1, 2, 3, 4] == [m["round"] for m in mb]
+    # both reach round 4 on the run they joined; on a loaded machine one may take a round by download (a round the
+    # other committed while it was slow), which writes no row for it: never more than one
+    for m in (ma, mb):
+        assert m[-1]["round"] == 4 and len({r["round"] for r in m}) >= 3, (ma, mb)
+    common = {r["round"]: r["adapter_sha256"] for r in ma}
+    assert all(common[r["round"]] == r["adapter_sha256"] for r in mb if r["round"] in common)
     assert ma[-1]["adapter_sha256"] == mb[-1]["adapter_sha256"]
     assert any("keeps the run it joined" in peers.log(n) for n in "ab")
 

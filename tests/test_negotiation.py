@@ -28,17 +28,18 @@ def test_heterogeneous_swarm_quotas_follow_speed_and_micro_batches_fit_memory(tm
 
 
 def _fits_between(a: str, b: str) -> float:
-    """A memory limit (GiB) between what run a and run b need at micro-batch 1."""
+    """A memory limit (GiB) between the least run a and run b need at micro-batch 1, in the most compact base
+    precision each allows that this machine runs (what a joiner sizes runs by: swarm.runs.bytes_needed)."""
     from swarm.config import load_config
-    from swarm.memory import ModelShape, estimate
+    from swarm.memory import ModelShape
     from swarm.model import resolve_model_dir
+    from swarm.precision import fit, settings
 
     need = []
     for name in (a, b):
         run = load_config(ROOT / "configs" / name)
         shape = ModelShape.from_dir(resolve_model_dir(run.model))
-        need.append(estimate(shape, "lora", lora_r=run.lora.r, lora_targets=run.lora.target_modules, micro_batch=1,
-                             seq_len=run.train.seq_len, dtype="float32", backend="cpu").total)
+        need.append(fit(settings("auto", "cpu"), run, shape, 0).needed_bytes)  # nothing fits 0: the most compact
     assert need[0] < need[1]
     return (need[0] + need[1]) / 2 / 2**30
 
