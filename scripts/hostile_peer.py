@@ -60,6 +60,19 @@ def evil_encode(mean_grad, tokens, clip_norm, salt=1):
 
 round_module.encode = evil_encode
 
+
+def first_in_line(hd) -> None:
+    """Claim the highest state-sharing priority and never announce a state round (keep claiming the newest)."""
+    honest_open = hd.HivemindTransport.open_averaging
+
+    def open_first_in_line(self, **kw):
+        honest_open(self, **kw)
+        self._averager.state_sharing_priority = 1e6  # joiners try it before anyone else
+
+    hd.HivemindTransport.open_averaging = open_first_in_line
+    hd.HivemindTransport.announce_state_round = lambda self, round_: None
+
+
 if MODE == "outlier":
     honest_flatten = round_module.flatten
     round_module.flatten = lambda tensors, names: honest_flatten(tensors, names) * 100.0
@@ -99,14 +112,7 @@ if MODE == "state":
             return dataclasses.replace(self.state, adapter=bad).to_wire()
 
     swarm.sync.StateSync._serve_state = poisoned_state
-    honest_open = hd.HivemindTransport.open_averaging
-
-    def open_first_in_line(self, **kw):
-        honest_open(self, **kw)
-        self._averager.state_sharing_priority = 1e6  # joiners try it before anyone else
-
-    hd.HivemindTransport.open_averaging = open_first_in_line
-    hd.HivemindTransport.announce_state_round = lambda self, round_: None  # keep claiming the newest state
+    first_in_line(hd)
 
 if MODE == "lure":
     import os
@@ -220,14 +226,7 @@ if MODE in ("optstate", "slowstate"):
                 await asyncio.sleep(8.0)
 
         DecentralizedAverager.rpc_download_state = drip
-    honest_open = hd.HivemindTransport.open_averaging
-
-    def open_first_in_line(self, **kw):
-        honest_open(self, **kw)
-        self._averager.state_sharing_priority = 1e6  # joiners try it before anyone else
-
-    hd.HivemindTransport.open_averaging = open_first_in_line
-    hd.HivemindTransport.announce_state_round = lambda self, round_: None  # keep claiming the newest state
+    first_in_line(hd)
 if MODE == "reducer":
     import swarm.transport.hivemind_averager as ha
 
