@@ -65,11 +65,11 @@ def pair():
         t.shutdown()
 
 
-def _round(t, rnd, abandon=None, grad=0.01, wait=30.0, lineage="0" * 64):
+def _round(t, rnd, abandon=None, grad=0.01, wait=30.0, lineage="0" * 64, plan="p", quotas=None):
     train = TrainResult(grads={"w": np.full(768, grad, dtype=np.float32)}, tokens=128, loss_sum=1.0, seconds=0.1)
-    return average_round(t, train, names=["w"], shapes={"w": (768,)}, round_=rnd, plan_id="p", group_size=2,
+    return average_round(t, train, names=["w"], shapes={"w": (768,)}, round_=rnd, plan_id=plan, group_size=2,
                          clip_norm=1.0, timeout=wait + 10, run="abandon", wait_until=t.now() + wait, abandon=abandon,
-                         lineage=lineage)
+                         lineage=lineage, quotas=quotas)
 
 
 def test_an_attempt_is_abandoned_as_soon_as_a_member_says_it_wont_come_and_the_averager_still_works(pair):
@@ -125,3 +125,27 @@ def test_members_starting_from_different_states_never_average_together(pair):
         th.join(timeout=60)
     assert len(results) == 2 and not any(r.ok for r in results.values()), [r.reason for r in results.values()]
     assert all(r.mean_grads is None for r in results.values())
+
+
+def test_peers_whose_plans_differed_for_one_attempt_average_in_the_next(pair):
+    """Plans come from each peer's own view of the DHT and may differ for a moment. Members naming another plan
+    are refused in that attempt only: once both replanned alike, the next attempt of the same round averages
+    (a refusal kept for the whole round left two honest peers refusing each other until the test timed out)."""
+    a, b = pair
+    quotas = {a.peer_id: 128, b.peer_id: 128}
+
+    def attempt(plans, rnd=7):
+        results = {}
+        threads = [threading.Thread(target=lambda t=t, p=p: results.__setitem__(
+                       t.peer_id, _round(t, rnd, wait=3.0, plan=p, quotas=quotas))) for t, p in zip((a, b), plans)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(timeout=60)
+        return results
+
+    first = attempt(["plan-a", "plan-b"])
+    assert len(first) == 2 and not any(r.ok for r in first.values()), [r.reason for r in first.values()]
+    second = attempt(["plan-a", "plan-a"])
+    assert len(second) == 2 and all(r.ok for r in second.values()), [r.reason for r in second.values()]
+    assert np.array_equal(second[a.peer_id].mean_grads["w"], second[b.peer_id].mean_grads["w"])

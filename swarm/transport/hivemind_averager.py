@@ -6,7 +6,7 @@
 - Banned peers are refused in matchmaking, as leader and as follower.
 - Only members of this round's plan, announcing this round's plan id, are admitted to a group (as
   follower, and as leader: a leader that assembles a group with an outsider is not followed again this
-  round); hivemind's unsigned gather fields (bandwidth, mode), which a leader relays and could rewrite
+  attempt; plans may differ for a moment, so the next attempt checks everyone afresh); hivemind's unsigned gather fields (bandwidth, mode), which a leader relays and could rewrite
   to reduce everything itself, must be the ones every swarm peer uses, and the group's leader is named.
 - State download is bounded: bytes (the state's known size), time (one deadline for the whole
   download, one per source, cancelled when passed), and sources: declared priorities are unsigned,
@@ -307,9 +307,20 @@ class SwarmAverager(DecentralizedAverager):
 
     # --- this round's plan (runs in the averager's process) ------------------------------------------------
     def _outsiders(self) -> set:
+        """Peers refused for this round: a leader that rewrote other members' gather fields (only a cheat does)."""
         if not hasattr(self, "_refused"):
             self._refused = set()
         return self._refused
+
+    def _off_plan(self) -> set:
+        """Peers refused in this attempt only: they named another plan, or were not in ours, or led a group that
+        held such members. Plans are derived from each peer's own view of the DHT and may differ for a moment;
+        once every member replanned they agree, so the next attempt (a new plan) hears them again. Remembering
+        such a refusal for the whole round would leave two honest peers refusing each other until it ends (it
+        never does: neither can commit it without the other)."""
+        if not hasattr(self, "_refused_now"):
+            self._refused_now = set()
+        return self._refused_now
 
     def _leader(self) -> str | None:
         leader = getattr(self._matchmaking, "_swarm_leader", None)
@@ -317,7 +328,8 @@ class SwarmAverager(DecentralizedAverager):
 
     async def _set_round(self, allowed: list[str], plan_id: str, group_key: str, future) -> None:
         if getattr(self, "_round", (None, None, None))[2] != group_key:
-            self._outsiders().clear()  # a new round, a new plan: refusals of the last one are forgotten
+            self._outsiders().clear()  # a new round: refusals of the last one are forgotten
+        self._off_plan().clear()  # a new attempt, maybe a new plan on either side: every member is checked afresh
         self._round = (frozenset(allowed), plan_id, group_key)
         self._hook_matchmaking()
         future.set_result(True)
@@ -370,9 +382,9 @@ class SwarmAverager(DecentralizedAverager):
             raise TransportError(f"group's leader {leader} rewrote the gather of member(s) {', '.join(rewritten)}")
         outside = self._outside_plan(group_info)
         if outside:
-            self._outsiders().update(PeerID.from_base58(p) for p in outside)
+            self._off_plan().update(PeerID.from_base58(p) for p in outside)
             if leader and leader != self.peer_id.to_base58() and leader not in outside:
-                self._outsiders().add(PeerID.from_base58(leader))  # it let them in: don't follow it again this round
+                self._off_plan().add(PeerID.from_base58(leader))  # it let them in: don't follow it again this attempt
             why = "; ".join(f"{p}: {w}" for p, w in outside.items())
             _log.warning("refused a group with member(s) outside this round's plan (leader %s): %s", leader, why)
             raise TransportError(f"group includes member(s) outside this round's plan ({why})")
@@ -526,13 +538,15 @@ class SwarmAverager(DecentralizedAverager):
                 return averaging_pb2.MessageFromLeader(code=averaging_pb2.PROTOCOL_VIOLATION)
             why = self._why_outside(_user_part(request.gather), context.remote_id.to_base58())
             if why:
-                _log.warning("refused %s in matchmaking: %s", context.remote_id, why)
-                self._outsiders().add(context.remote_id)
+                if context.remote_id not in self._off_plan():
+                    _log.warning("refused %s in matchmaking: %s", context.remote_id, why)
+                self._off_plan().add(context.remote_id)
                 return averaging_pb2.MessageFromLeader(code=averaging_pb2.PROTOCOL_VIOLATION)
+            self._off_plan().discard(context.remote_id)  # it replanned: its request now names ours
             return check(request, context)
 
         async def get_averagers(*args, **kw):
-            avoid = self._banned_ids() | self._outsiders()
+            avoid = self._banned_ids() | self._outsiders() | self._off_plan()
             return [(p, t) for p, t in await find(*args, **kw) if p not in avoid]
 
         async def leader_assemble_group(*args, **kw):
