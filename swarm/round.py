@@ -164,10 +164,11 @@ def average_round(transport: Transport, train: TrainResult, *, names: list[str],
                             contribution_checksum=mine)
     update = hashlib.sha256(np.ascontiguousarray(avg.mean_grad, dtype=np.float64).tobytes()).hexdigest()
     if group_size > 1:  # every member must have received this very result (a reducer could hand out different ones)
-        from swarm.verify import agree_on_result
+        from swarm.verify import agree_on_result, attempt_id
 
         why, offenders = agree_on_result(transport, key=f"{run}.r{round_}.{lineage[:16]}.result", members=members,
                                          digest=update, result=result_vec, spans=res.spans, leader=res.leader,
+                                         attempt=attempt_id(gathered),
                                          wait=min(RESULT_WAIT, max(timeout, 1.0)))
         if why:
             return RoundOutcome(ok=False, reason=why, offenders=offenders, contribution_checksum=mine)

@@ -40,6 +40,13 @@ def span_hashes(result: np.ndarray, spans: dict[str, tuple[int, int]], group_siz
             if 0 <= a <= b <= len(vec)}
 
 
+def attempt_id(gathered: dict) -> str:
+    """One group formation, the same on every member: each member's signed announcement carries the time it
+    entered this attempt."""
+    marks = sorted((str(p), repr(g.get("arrived")) if isinstance(g, dict) else "") for p, g in gathered.items())
+    return hashlib.sha256(repr(marks).encode()).hexdigest()[:16]
+
+
 def compare(mine: dict, theirs: dict, *, me: str, peer: str) -> tuple[str, dict[str, str]] | None:
     """Why two members' reports of one result disagree, and who is to blame (pure); None if they agree."""
     if theirs.get("update") == mine["update"]:
@@ -57,12 +64,16 @@ def compare(mine: dict, theirs: dict, *, me: str, peer: str) -> tuple[str, dict[
 
 
 def agree_on_result(transport: Transport, *, key: str, members: list[str], digest: str, result: np.ndarray,
-                    spans: dict[str, tuple[int, int]], leader: str | None, wait: float,
+                    spans: dict[str, tuple[int, int]], leader: str | None, wait: float, attempt: str = "",
                     clock=time.monotonic, sleep=time.sleep) -> tuple[str | None, dict[str, str]]:
-    """(why not to commit, offenders) after exchanging signed result hashes with the group; (None, {}) to commit."""
+    """(why not to commit, offenders) after exchanging signed result hashes with the group; (None, {}) to commit.
+
+    `attempt` names this very group (`attempt_id`): the same members retrying a round form a new group whose
+    result differs, and a member's record of the last attempt, still in the DHT, must not be read as its report
+    of this one (one member would then refuse a result the others commit)."""
     me = transport.peer_id
     group = sorted(members)
-    mine = {"update": digest, "parts": span_hashes(result, spans, len(group)), "members": group}
+    mine = {"update": digest, "parts": span_hashes(result, spans, len(group)), "members": group, "attempt": attempt}
     transport.put(key, mine, RESULT_TTL)
     others = [m for m in group if m != me]
     seen: dict[str, dict] = {}
@@ -71,7 +82,7 @@ def agree_on_result(transport: Transport, *, key: str, members: list[str], diges
         for rec in transport.get(key):
             v = rec.value
             if rec.owner in others and isinstance(v, dict) and v.get("members") == group \
-                    and isinstance(v.get("update"), str) and isinstance(v.get("parts"), dict):
+                    and v.get("attempt", "") == attempt and isinstance(v.get("update"), str) and isinstance(v.get("parts"), dict):
                 seen[rec.owner] = v
         for peer, theirs in sorted(seen.items()):
             bad = compare(mine, theirs, me=me, peer=peer)

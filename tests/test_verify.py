@@ -67,3 +67,26 @@ def test_silence_and_ambiguity():
     assert compare(mine, {"update": "v", "parts": {"a": "9", "b": "8"}}, me="a", peer="b")[1] == {}  # two spans differ
     assert compare(mine, {"update": "v", "parts": dict(mine["parts"])}, me="a", peer="b")[1] == {}
     assert compare(mine, dict(mine), me="a", peer="b") is None
+
+
+def test_a_members_record_of_an_earlier_attempt_is_not_its_report_of_this_one():
+    """The same members retry a round: b's record of the last attempt (another result) is still in the DHT when a
+    checks this attempt's. a must wait for b's report of this attempt, not refuse the result b is about to commit."""
+    from swarm.verify import attempt_id
+
+    board, group = _Board(), ["a", "b"]
+    spans = {"a": (0, 4), "b": (4, 8)}
+    first = {"a": {"arrived": 10.0}, "b": {"arrived": 10.5}}
+    second = {"a": {"arrived": 31.0}, "b": {"arrived": 30.5}}
+    assert attempt_id(first) != attempt_id(second) == attempt_id(dict(reversed(list(second.items()))))
+    old, new = np.arange(8, dtype=np.float64), np.arange(8, dtype=np.float64) + 1
+    board.as_peer("b").put("k", {"update": "old", "parts": span_hashes(old, spans, 2), "members": group,
+                                 "attempt": attempt_id(first)}, 60)
+    clock = iter(range(100)).__next__
+    why, offenders = agree_on_result(board.as_peer("a"), key="k", members=group, digest="new", result=new, spans=spans,
+                                     leader=None, wait=2, attempt=attempt_id(second), clock=clock, sleep=lambda s: None)
+    assert why == "only 1 of 2 members confirmed the result (missing: b)" and offenders == {}  # not "results differ"
+    board.as_peer("b").put("k", {"update": "new", "parts": span_hashes(new, spans, 2), "members": group,
+                                 "attempt": attempt_id(second)}, 60)
+    assert agree_on_result(board.as_peer("a"), key="k", members=group, digest="new", result=new, spans=spans,
+                           leader=None, wait=2, attempt=attempt_id(second), sleep=lambda s: None) == (None, {})
