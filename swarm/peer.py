@@ -291,16 +291,19 @@ class Peer(StateSync):
 
     # ------------------------------------------------------------------------------ plan
     def adverts(self, rnd: int | None = None) -> list[CapabilityAdvert]:
-        """Live adverts of this run. For planning round `rnd`, left out: peers whose contribution was
-        rejected (for a while), and peers planned in but absent from the last group until they advertise
-        again (a killed peer's advert outlives it by up to its TTL; the group must not wait for it)."""
+        """Live adverts of this run. For planning round `rnd`, left out: peers planned in but absent from the
+        last group until they advertise again (a killed peer's advert outlives it by up to its TTL; the group
+        must not wait for it), silent peers and peers two rounds behind. Peers this peer banned stay in: a ban
+        is this peer's own verdict, which another member may not have reached (it missed the records that
+        named the cheat), and two members planning from different sets for as long as a ban lasts never agree
+        on a plan, so never average again. A banned peer is left out of the group instead (not waited for,
+        refused in matchmaking); its share of the round goes untrained while the ban lasts."""
         mine = self._advert()
         adverts = self.members.adverts(self.run.name)
         behind = self._behind(rnd, adverts) if rnd is not None else set()
         out, silent = [], self._silent(adverts)
         for a in adverts:
-            if a.peer_id == self.me or a.peer_id in behind or a.peer_id in silent \
-                    or (rnd is not None and self.banned.get(a.peer_id, 0) >= rnd):
+            if a.peer_id == self.me or a.peer_id in behind or a.peer_id in silent:
                 continue
             if a.peer_id in self.missing:
                 if a.timestamp == self.missing[a.peer_id]:
@@ -351,7 +354,8 @@ class Peer(StateSync):
                 if a.peer_id != self.me and max(done.get(a.peer_id, 0), a.start_round - 1) < rnd - 2}
 
     def exclude(self, offenders: dict[str, str], rnd: int) -> None:
-        """Members whose contribution the group rejected sit out: refused in matchmaking, left out of plans."""
+        """Members whose contribution the group rejected sit out: refused in matchmaking, not waited for (still
+        planned: see `adverts`)."""
         for peer, why in offenders.items():
             if peer == self.me:
                 self.log.warn(f"the group rejected this peer's contribution: {why}", rnd)

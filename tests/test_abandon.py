@@ -149,3 +149,14 @@ def test_peers_whose_plans_differed_for_one_attempt_average_in_the_next(pair):
     second = attempt(["plan-a", "plan-a"])
     assert len(second) == 2 and all(r.ok for r in second.values()), [r.reason for r in second.values()]
     assert np.array_equal(second[a.peer_id].mean_grads["w"], second[b.peer_id].mean_grads["w"])
+
+
+def test_a_peer_this_peer_banned_stays_in_its_plans_but_not_in_its_groups():
+    """A ban is one member's verdict; another honest member may not have reached it. Left out of one member's plans
+    only, the two would plan from different sets (different plan ids) for as long as the ban lasts and never
+    average again. So the banned peer stays planned, and is only left out of the group and refused."""
+    adverts = [_ad("me"), _ad("a"), _ad("x")]
+    p = _peer(adverts, [_pr("me", 4), _pr("a", 4), _pr("x", 4)])
+    p._advert = lambda: adverts[0]
+    p.missing, p.banned = {}, {"x": 12}
+    assert sorted(a.peer_id for a in p.adverts(5)) == ["a", "me", "x"]
