@@ -106,6 +106,7 @@ class HardwareProfile:
     bandwidth_source: str | None
     unified_memory: bool
     tier: str
+    unusable_gpu: str | None = None  # a GPU this machine has but the installed torch cannot train on: why
 
     @property
     def memory_reserved_bytes(self) -> int:
@@ -186,14 +187,57 @@ def apple_bandwidth(device_name: str) -> int | None:
     return int(gbps * 1e9) if gbps else None
 
 
+PCI_DEVICES = Path("/sys/bus/pci/devices")
+GPU_VENDORS = {"0x10de": "NVIDIA", "0x1002": "AMD"}  # discrete GPUs torch.cuda could drive (CUDA, ROCm)
+
+
+def pci_gpus(root: Path = PCI_DEVICES) -> list[str]:
+    """NVIDIA and AMD display controllers on the PCI bus (Linux sysfs), as 'AMD GPU 1002:67df'; [] elsewhere."""
+    out = []
+    try:
+        for dev in sorted(root.iterdir())[:256]:
+            try:
+                cls, vendor = (dev / "class").read_text().strip(), (dev / "vendor").read_text().strip()
+                device = (dev / "device").read_text().strip()
+            except OSError:
+                continue
+            if cls.startswith("0x03") and vendor in GPU_VENDORS:
+                out.append(f"{GPU_VENDORS[vendor]} GPU {vendor[2:]}:{device[2:]}")
+    except OSError:
+        return []
+    return out
+
+
+def _device_runs(torch) -> str | None:
+    """Why torch cannot run a small matmul on device 0, or None: a GPU torch lists may still be one its build has
+    no kernels for (an RX 580, gfx803, under a ROCm that dropped it; an old card under a new CUDA build), which
+    would otherwise fail in the middle of the first round."""
+    try:
+        x = torch.ones((8, 8), device="cuda:0")
+        float((x @ x).sum().item())
+        return None
+    except Exception as e:  # noqa: BLE001
+        return _first_line(e)
+
+
 def _probe_cuda(torch) -> tuple[dict | None, str]:
     """A CUDA or ROCm device through torch.cuda (ROCm builds of torch expose HIP there)."""
     try:
         if not torch.cuda.is_available():
             build = getattr(torch.version, "cuda", None) or getattr(torch.version, "hip", None)
-            return None, f"torch {torch.__version__}: no CUDA/ROCm device" + ("" if build else " (CPU-only build)")
+            why = f"torch {torch.__version__}: no CUDA/ROCm device" + ("" if build else " (CPU-only build)")
+            gpus = pci_gpus()
+            if gpus:
+                fix = "install a CUDA or ROCm build of torch that supports it" if not build else \
+                    "this build or its driver does not support it"
+                why += f", though this machine has {', '.join(gpus)}: not viable for training here ({fix})"
+            return None, why
         count = torch.cuda.device_count()
         props = torch.cuda.get_device_properties(0)
+        broken = _device_runs(torch)
+        if broken:
+            return None, (f"torch {torch.__version__} lists {props.name} but cannot run on it ({broken}): "
+                          "not viable for training with this torch build")
         hip = getattr(torch.version, "hip", None)
         backend = "rocm" if hip else "cuda"
         kind = f"ROCm (HIP {hip})" if hip else f"CUDA {getattr(torch.version, 'cuda', '') or ''}".strip()
@@ -306,12 +350,13 @@ def detect(memory_limit_gb: float | None = None) -> HardwareProfile:
             found["reason"] += f" (memory: {where})"
     elif tried:
         found["reason"] += " [" + "; ".join(tried) + "]"
+    unusable = next((w for w in tried if "not viable" in w), None)
     usable, how = usable_memory(found["backend"], found["total"], found.get("working_set"), limit)
     return HardwareProfile(
         backend=found["backend"], backend_reason=found["reason"], device=found["device"],
         memory_total_bytes=int(found["total"]), memory_usable_bytes=int(usable), memory_reason=how,
         memory_bandwidth_bytes_per_s=found.get("bandwidth"), bandwidth_source=found.get("bandwidth_source"),
-        unified_memory=found["backend"] in UNIFIED, tier=tier_for(found["backend"], usable),
+        unified_memory=found["backend"] in UNIFIED, tier=tier_for(found["backend"], usable), unusable_gpu=unusable,
     )
 
 
@@ -456,6 +501,8 @@ def _human(report: dict, console) -> None:
     tput = hw["throughput_tokens_per_s"]
     console.print(f"[bold]backend[/]   {hw['backend']}  ({hw['backend_reason']})")
     console.print(f"[bold]device[/]    {hw['device']}")
+    if hw.get("unusable_gpu"):
+        console.print(f"[bold]gpu[/]       [yellow]{hw['unusable_gpu']}[/]")
     console.print(f"[bold]memory[/]    {_gb(hw['memory_usable_bytes'])} usable of {_gb(hw['memory_total_bytes'])}"
                   f"{' unified' if hw['unified_memory'] else ''}  ({hw['memory_reason']})")
     console.print("[bold]bandwidth[/] " + (f"{bw / 1e9:.0f} GB/s ({hw['bandwidth_source']})" if bw else "unknown (not knowable without a measurement)"))

@@ -125,6 +125,8 @@ class Peer(StateSync):
         self.log.say(f"output: {self.out}")
         self.log.say(f"hardware: {self.hw.backend} ({self.hw.backend_reason.split(':')[0]}), {self.hw.device}, "
                      f"{self.hw.memory_usable_bytes / 1e9:.1f} of {self.hw.memory_total_bytes / 1e9:.1f} GB usable, tier {self.hw.tier}")
+        if self.hw.unusable_gpu:
+            self.log.warn(self.hw.unusable_gpu)  # trains on what is viable (the CPU) instead of failing mid-round
         self.members = Membership(self.transport)
         st = self.settings
         self.run, self.run_record = resolve_run(config=self.config, name=st.run, data=st.data, joining=bool(st.initial_peers),

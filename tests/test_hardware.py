@@ -68,6 +68,8 @@ def machine(monkeypatch):
         monkeypatch.setitem(sys.modules, "mlx.core", core)
         monkeypatch.setattr(hwmod, "_system_memory", lambda: (ram, "physical memory"))
         monkeypatch.setattr(hwmod, "_cpu_name", lambda: cpu)
+        monkeypatch.setattr(hwmod, "pci_gpus", lambda root=None: [])      # no GPU on the bus unless a test says so
+        monkeypatch.setattr(hwmod, "_device_runs", lambda torch: None)   # a listed device runs unless a test says not
 
     return install
 
@@ -159,6 +161,43 @@ def test_a_crashing_cuda_probe_falls_back_to_cpu(machine):
     hw = detect()
     assert hw.backend == "cpu"
     assert "CUDA probe failed (RuntimeError: CUDA driver version is insufficient)" in hw.backend_reason
+
+
+def test_a_gpu_this_torch_cannot_use_is_named_and_not_viable(machine, monkeypatch, capsys):
+    """An RX 580 next to a CPU-only (or unsupporting) torch: one line says so; the peer trains on the CPU."""
+    machine(torch=fake_torch(), mlx=None, cpu="AMD Ryzen 5")
+    monkeypatch.setattr(hwmod, "pci_gpus", lambda root=None: ["AMD GPU 1002:67df"])
+    hw = detect()
+    assert hw.backend == "cpu" and hw.tier == "cpu-only"
+    assert "AMD GPU 1002:67df" in hw.unusable_gpu and "not viable for training" in hw.unusable_gpu
+    assert "CPU-only build" in hw.unusable_gpu and "\n" not in hw.unusable_gpu
+    assert main(["--no-probe"]) == 0
+    assert "AMD GPU 1002:67df" in capsys.readouterr().out
+
+
+def test_a_listed_gpu_that_cannot_run_a_kernel_falls_back_before_any_round(machine, monkeypatch):
+    rx580 = {"name": "Radeon RX 580 Series", "total_memory": 8 * GiB, "gcnArchName": "gfx803"}
+    machine(torch=fake_torch(cuda=rx580, hip="6.2.4"), mlx=None)
+    monkeypatch.setattr(hwmod, "_device_runs", lambda torch: "RuntimeError: HIP error: invalid device function")
+    hw = detect()
+    assert hw.backend == "cpu"
+    assert "Radeon RX 580 Series" in hw.unusable_gpu and "invalid device function" in hw.unusable_gpu
+    assert detect().unusable_gpu == hw.unusable_gpu
+
+
+def test_pci_gpus_reads_display_controllers_of_gpu_vendors(tmp_path):
+    from swarm.hardware import pci_gpus
+
+    for slot, cls, vendor, device in (("0000:01:00.0", "0x030000", "0x1002", "0x67df"),   # RX 580: VGA
+                                      ("0000:01:00.1", "0x040300", "0x1002", "0xaaf0"),   # its HDMI audio
+                                      ("0000:00:02.0", "0x030000", "0x8086", "0x3e92"),   # Intel iGPU
+                                      ("0000:02:00.0", "0x030200", "0x10de", "0x2504")):  # RTX 3060: 3D controller
+        d = tmp_path / slot
+        d.mkdir()
+        for name, value in (("class", cls), ("vendor", vendor), ("device", device)):
+            (d / name).write_text(value + "\n")
+    assert pci_gpus(tmp_path) == ["AMD GPU 1002:67df", "NVIDIA GPU 10de:2504"]
+    assert pci_gpus(tmp_path / "missing") == []
 
 
 def test_a_crashing_mlx_probe_falls_back(machine):
