@@ -90,6 +90,7 @@ class Peer(StateSync):
         self.last_group: list[str] = []     # members of the last group this peer committed a round with
         self.last_speed = 0.0
         self.banned: dict[str, int] = {}    # peer -> last round it is excluded from (its contribution was rejected)
+        self.plan_banned = False            # plan with the banned peers in (see `adverts`) until the bans end
         self.missing: dict[str, float] = {}  # peer planned in but absent from the last group -> its advert's timestamp then
         self.advert_seen: dict[str, float] = {}
         self.heard: dict[str, tuple[float, float]] = {}  # peer -> (its advert's timestamp, our monotonic time it changed)
@@ -293,19 +294,23 @@ class Peer(StateSync):
 
     # ------------------------------------------------------------------------------ plan
     def adverts(self, rnd: int | None = None) -> list[CapabilityAdvert]:
-        """Live adverts of this run. For planning round `rnd`, left out: peers planned in but absent from the
-        last group until they advertise again (a killed peer's advert outlives it by up to its TTL; the group
-        must not wait for it), silent peers and peers two rounds behind. Peers this peer banned stay in: a ban
-        is this peer's own verdict, which another member may not have reached (it missed the records that
-        named the cheat), and two members planning from different sets for as long as a ban lasts never agree
-        on a plan, so never average again. A banned peer is left out of the group instead (not waited for,
-        refused in matchmaking); its share of the round goes untrained while the ban lasts."""
+        """Live adverts of this run. For planning round `rnd`, left out: peers whose contribution was rejected
+        (for a while), peers planned in but absent from the last group until they advertise again (a killed
+        peer's advert outlives it by up to its TTL; the group must not wait for it), silent peers and peers two
+        rounds behind.
+
+        A ban is this peer's own verdict. Another member may not have reached it (it missed the records that
+        named the cheat, or its all-reduce failed first), and two members planning from different sets while
+        a ban lasts would never agree on a plan, so never average again. When a round fails while a planned
+        peer advertises another plan for it (`_plans_differ`), the banned peers are planned in again until the
+        bans end (`plan_banned`): still refused in matchmaking and not waited for, their share untrained."""
         mine = self._advert()
         adverts = self.members.adverts(self.run.name)
         behind = self._behind(rnd, adverts) if rnd is not None else set()
         out, silent = [], self._silent(adverts)
         for a in adverts:
-            if a.peer_id == self.me or a.peer_id in behind or a.peer_id in silent:
+            if a.peer_id == self.me or a.peer_id in behind or a.peer_id in silent \
+                    or (rnd is not None and not self.plan_banned and self.banned.get(a.peer_id, 0) >= rnd):
                 continue
             if a.peer_id in self.missing:
                 if a.timestamp == self.missing[a.peer_id]:
@@ -314,6 +319,14 @@ class Peer(StateSync):
             out.append(a)
         self.advert_seen = {a.peer_id: a.timestamp for a in out}
         return out + [mine]
+
+    def _plans_differ(self, rnd: int) -> bool:
+        """Does a peer of this round's plan advertise training round `rnd` with another plan id?"""
+        plan = self.last_plan
+        if plan is None or plan.round != rnd:
+            return False
+        return any(a.training_round == rnd and a.plan_id and a.plan_id != plan.plan_id
+                   for a in self.members.adverts(self.run.name) if a.peer_id in plan.peer_ids and a.peer_id != self.me)
 
     def note_absent(self, plan: RoundPlan, outcome: RoundOutcome, rnd: int) -> None:
         """Planned members the group went on without: left out of plans until their next advert."""
@@ -356,8 +369,8 @@ class Peer(StateSync):
                 if a.peer_id != self.me and max(done.get(a.peer_id, 0), a.start_round - 1) < rnd - 2}
 
     def exclude(self, offenders: dict[str, str], rnd: int) -> None:
-        """Members whose contribution the group rejected sit out: refused in matchmaking, not waited for (still
-        planned: see `adverts`)."""
+        """Members whose contribution the group rejected sit out: refused in matchmaking, not waited for, left out
+        of plans (see `adverts`)."""
         for peer, why in offenders.items():
             if peer == self.me:
                 self.log.warn(f"the group rejected this peer's contribution: {why}", rnd)
@@ -401,6 +414,7 @@ class Peer(StateSync):
         if self.banned and any(last < rnd for last in self.banned.values()):
             self.banned = {p: last for p, last in self.banned.items() if last >= rnd}
             self.transport.ban(set(self.banned))
+        self.plan_banned = self.plan_banned and bool(self.banned)
         if rnd == 1 and self.state.round == 0 and self._wait_before_round_one(adverts):
             time.sleep(POLL)
             return None
@@ -610,6 +624,11 @@ class Peer(StateSync):
         self.log.warn(f"round not applied: {outcome.reason}", rnd)
         if self.local:
             self.local.restore(self.backend, self.state.adapter)
+        if self.banned and not self.plan_banned and self._plans_differ(rnd):
+            self.plan_banned = True
+            self.log.warn("a planned peer trains this round with another plan (it has not banned whom this peer "
+                          "did): planning with the banned peers in, as it does, until the bans end; they are still "
+                          "refused", rnd)
         until = time.monotonic() + self.run.averaging.matchmaking_time
         while time.monotonic() < until and not stop():
             if self._swarm_round() >= rnd:

@@ -151,12 +151,21 @@ def test_peers_whose_plans_differed_for_one_attempt_average_in_the_next(pair):
     assert np.array_equal(second[a.peer_id].mean_grads["w"], second[b.peer_id].mean_grads["w"])
 
 
-def test_a_peer_this_peer_banned_stays_in_its_plans_but_not_in_its_groups():
-    """A ban is one member's verdict; another honest member may not have reached it. Left out of one member's plans
-    only, the two would plan from different sets (different plan ids) for as long as the ban lasts and never
-    average again. So the banned peer stays planned, and is only left out of the group and refused."""
+def test_banned_peers_are_planned_in_again_once_a_member_plans_the_round_otherwise():
+    """A ban is one member's verdict; another honest member may not have reached it. Planning without the banned
+    peer while that member plans with it, the two would never agree on a plan id (never average again). Once a
+    round fails while a planned peer advertises another plan for it, the banned are planned in until the bans
+    end, and still left out of the group."""
     adverts = [_ad("me"), _ad("a"), _ad("x")]
     p = _peer(adverts, [_pr("me", 4), _pr("a", 4), _pr("x", 4)])
     p._advert = lambda: adverts[0]
-    p.missing, p.banned = {}, {"x": 12}
+    p.missing, p.banned, p.plan_banned = {}, {"x": 12}, False
+    assert sorted(a.peer_id for a in p.adverts(5)) == ["a", "me"]
+    p.last_plan = SimpleNamespace(round=5, plan_id="mine", peer_ids=("a", "me"))
+    for a in adverts:
+        a.training_round, a.plan_id = 5, "mine"
+    assert not p._plans_differ(5)
+    adverts[1].plan_id = "theirs"  # a planned round 5 with x in
+    assert p._plans_differ(5) and not p._plans_differ(6)
+    p.plan_banned = True
     assert sorted(a.peer_id for a in p.adverts(5)) == ["a", "me", "x"]
