@@ -59,9 +59,15 @@ def round_one_wait(adverts: list["CapabilityAdvert"], *, me: str, min_peers: int
     return True, ready, loading
 
 
-def round_one_started_without(adverts: list["CapabilityAdvert"], *, me: str, plan_id: str) -> bool:
-    """Is round 1 under way with a plan other than this peer's (so this peer may not be in it)?"""
-    return any(a.training_round == 1 and a.plan_id and a.plan_id != plan_id for a in adverts if a.peer_id != me)
+def round_one_started_without(adverts: list["CapabilityAdvert"], *, me: str, plan_id: str,
+                              planned: Iterable[str] | None = None) -> bool:
+    """Is round 1 under way with a plan other than this peer's (so this peer may not be in it)? Only peers of
+    this peer's own plan (`planned`) count: one outside it (paused, not fitting, an outsider that names a plan of
+    its own) can be in no group this peer's plan forms, and believing it kept a new swarm waiting for a round 1
+    that nobody trained."""
+    members = None if planned is None else set(planned)
+    return any(a.training_round == 1 and a.plan_id and a.plan_id != plan_id for a in adverts
+               if a.peer_id != me and (members is None or a.peer_id in members))
 
 
 def relation(a: dict[int, str], b: dict[int, str]) -> bool | None:

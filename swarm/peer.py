@@ -429,7 +429,8 @@ class Peer(StateSync):
                 raise SwarmError(f"this machine cannot train run {self.run.name!r}: {ex.detail}")
             time.sleep(POLL)
             return None
-        if rnd == 1 and self.state.round == 0 and round_one_started_without(adverts, me=self.me, plan_id=plan.plan_id):
+        if rnd == 1 and self.state.round == 0 and round_one_started_without(adverts, me=self.me, plan_id=plan.plan_id,
+                                                                             planned=plan.peer_ids):
             # round 1 is under way with a plan this peer is not part of: training it anyway could commit a second
             # round 1 (a fork); join the swarm after it instead
             self.catch_up(stop, "round 1 of this swarm started without this peer")

@@ -193,6 +193,19 @@ def test_round_one_waits_for_visible_peers_still_loading():
     assert peer._wait_before_round_one([me, _advert("b")])
 
 
+def test_round_one_under_way_counts_only_peers_of_this_peers_plan():
+    """An outsider (paused, or in nobody's plan) advertising round 1 with a plan of its own made a joiner wait for a
+    round 1 that never came; a planned peer training round 1 with another plan still sends it to catch up."""
+    from swarm.agreement import round_one_started_without
+
+    x = _advert("x", training_round=1)
+    x = x.model_copy(update={"plan_id": "its-own"})
+    ads = [_advert("a"), _advert("b"), x]
+    assert round_one_started_without(ads, me="a", plan_id="ours")                          # (no plan given: any)
+    assert not round_one_started_without(ads, me="a", plan_id="ours", planned=("a", "b"))  # x is not in our plan
+    assert round_one_started_without(ads, me="a", plan_id="ours", planned=("a", "b", "x"))
+
+
 def test_state_of_a_round_nobody_vouches_for_is_never_adopted():
     """Security review, scenario 2: with no peer past round R, confirmed() said True, so a far-future round was adopted."""
     g = _genesis()
