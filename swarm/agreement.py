@@ -59,15 +59,21 @@ def round_one_wait(adverts: list["CapabilityAdvert"], *, me: str, min_peers: int
     return True, ready, loading
 
 
+def trains_another_plan(adverts: list["CapabilityAdvert"], *, me: str, rnd: int, plan_id: str,
+                        planned: Iterable[str] | None = None) -> bool:
+    """Does a peer of this peer's plan (`planned`; None: any peer) advertise training round `rnd` with another plan
+    id? Only planned peers count: one outside the plan (paused, not fitting, an outsider naming a plan of its own)
+    can be in no group this plan forms."""
+    members = None if planned is None else set(planned)
+    return any(a.training_round == rnd and a.plan_id and a.plan_id != plan_id for a in adverts
+               if a.peer_id != me and (members is None or a.peer_id in members))
+
+
 def round_one_started_without(adverts: list["CapabilityAdvert"], *, me: str, plan_id: str,
                               planned: Iterable[str] | None = None) -> bool:
-    """Is round 1 under way with a plan other than this peer's (so this peer may not be in it)? Only peers of
-    this peer's own plan (`planned`) count: one outside it (paused, not fitting, an outsider that names a plan of
-    its own) can be in no group this peer's plan forms, and believing it kept a new swarm waiting for a round 1
-    that nobody trained."""
-    members = None if planned is None else set(planned)
-    return any(a.training_round == 1 and a.plan_id and a.plan_id != plan_id for a in adverts
-               if a.peer_id != me and (members is None or a.peer_id in members))
+    """Is round 1 under way with a plan other than this peer's (so this peer may not be in it)? Counting an outsider
+    here kept a new swarm waiting for a round 1 that nobody trained."""
+    return trains_another_plan(adverts, me=me, rnd=1, plan_id=plan_id, planned=planned)
 
 
 def relation(a: dict[int, str], b: dict[int, str]) -> bool | None:

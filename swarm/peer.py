@@ -16,7 +16,7 @@ import numpy as np
 
 from swarm import PROTOCOL_VERSION, SwarmError
 from swarm.adapters import save_mlx_adapter, save_peft_adapter
-from swarm.agreement import commit_blocker, round_one_started_without, round_one_wait
+from swarm.agreement import commit_blocker, round_one_started_without, round_one_wait, trains_another_plan
 from swarm.averaging import new_salt
 from swarm.backends.base import TrainResult
 from swarm.checkpoint import TrainingState
@@ -323,10 +323,8 @@ class Peer(StateSync):
     def _plans_differ(self, rnd: int) -> bool:
         """Does a peer of this round's plan advertise training round `rnd` with another plan id?"""
         plan = self.last_plan
-        if plan is None or plan.round != rnd:
-            return False
-        return any(a.training_round == rnd and a.plan_id and a.plan_id != plan.plan_id
-                   for a in self.members.adverts(self.run.name) if a.peer_id in plan.peer_ids and a.peer_id != self.me)
+        return plan is not None and plan.round == rnd and trains_another_plan(
+            self.members.adverts(self.run.name), me=self.me, rnd=rnd, plan_id=plan.plan_id, planned=plan.peer_ids)
 
     def note_absent(self, plan: RoundPlan, outcome: RoundOutcome, rnd: int) -> None:
         """Planned members the group went on without: left out of plans until their next advert."""

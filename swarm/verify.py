@@ -83,8 +83,8 @@ def agree_on_result(transport: Transport, *, key: str, members: list[str], diges
         reads += 1
         for rec in transport.get(key):
             v = rec.value
-            if rec.owner in others and isinstance(v, dict) and v.get("members") == group \
-                    and v.get("attempt", "") == attempt and isinstance(v.get("update"), str) and isinstance(v.get("parts"), dict):
+            if rec.owner in others and isinstance(v, dict) and v.get("members") == group and v.get("attempt", "") == attempt \
+                    and isinstance(v.get("update"), str) and isinstance(v.get("parts"), dict):
                 seen[rec.owner] = v
         for peer, theirs in sorted(seen.items()):
             bad = compare(mine, theirs, me=me, peer=peer)

@@ -6,8 +6,9 @@
 - Banned peers are refused in matchmaking, as leader and as follower.
 - Only members of this round's plan, announcing this round's plan id, are admitted to a group (as
   follower, and as leader: a leader that assembles a group with an outsider is not followed again this
-  attempt; plans may differ for a moment, so the next attempt checks everyone afresh); hivemind's unsigned gather fields (bandwidth, mode), which a leader relays and could rewrite
-  to reduce everything itself, must be the ones every swarm peer uses, and the group's leader is named.
+  attempt; plans may differ for a moment, so the next attempt checks everyone afresh); hivemind's
+  unsigned gather fields (bandwidth, mode), which a leader relays and could rewrite to reduce
+  everything itself, must be the ones every swarm peer uses, and the group's leader is named.
 - State download is bounded: bytes (the state's known size), time (one deadline for the whole
   download, one per source, cancelled when passed), and sources: declared priorities are unsigned,
   so they only filter (>= the round wanted), never order; members of this peer's own groups are asked
