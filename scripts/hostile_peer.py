@@ -21,6 +21,8 @@ usage: python scripts/hostile_peer.py MODE [python -m swarm.join arguments]
   slowstate it trains honestly, but serves state one small message every 8 s (a stream that never ends in
            time), at top priority
   reducer  it trains honestly, but as a reducer it hands one member a different averaged span than the others
+  samewrong it trains honestly, but as a reducer it hands every member (itself included) the same wrong averaged
+           span: one fixed-point unit more in one data lane (every hash agrees; only a check of values sees it)
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 MODES = ("nan", "huge", "shape", "outlier", "tokens", "state", "lure", "oldrun", "speed", "outsider", "sybil", "optstate",
-         "slowstate", "reducer")
+         "slowstate", "reducer", "samewrong")
 if len(sys.argv) < 2 or sys.argv[1] not in MODES:
     sys.exit(f"usage: python scripts/hostile_peer.py {{{','.join(MODES)}}} --host 127.0.0.1 [swarm.join arguments]")
 MODE = sys.argv.pop(1)
@@ -248,6 +250,22 @@ if MODE == "reducer":
             yield message
 
     ha._CheckedRunner._accumulate_parts_streaming = two_faced
+
+if MODE == "samewrong":
+    from hivemind.averaging.partition import TensorPartReducer
+
+    honest_average = TensorPartReducer.accumulate_part
+
+    async def same_wrong(self, sender_index, part_index, tensor_part, weight=1.0):
+        averaged = await honest_average(self, sender_index, part_index, tensor_part, weight=weight)
+        if part_index == 0 and getattr(self, "starts", None):  # the checked reducer of a swarm all-reduce
+            lane = (-self.starts[0]) % (CHECK_EVERY + 1)  # a data lane, not a check lane
+            if lane < len(averaged) - 1:
+                averaged = averaged.clone()  # every sender's call gets its own copy, each one unit off
+                averaged[lane] += 1.0
+        return averaged
+
+    TensorPartReducer.accumulate_part = same_wrong
 
 from swarm.join import main  # noqa: E402
 

@@ -167,7 +167,8 @@ def average_round(transport: Transport, train: TrainResult, *, names: list[str],
         from swarm.verify import agree_on_result, attempt_id
 
         why, offenders = agree_on_result(transport, key=f"{run}.r{round_}.{lineage[:16]}.result", members=members,
-                                         digest=update, result=result_vec, spans=res.spans, leader=res.leader,
+                                         digest=update, result=result_vec, contribution=vector, spans=res.spans,
+                                         leader=res.leader,
                                          attempt=attempt_id(gathered),
                                          wait=min(RESULT_WAIT, max(timeout, 1.0)))
         if why:

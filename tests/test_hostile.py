@@ -212,6 +212,24 @@ def _honest_pair(peers, mode: str, rounds: int = 3, min_peers: int = 3):
     return ma, mb, {n: peer_id_of(peers.base / n / "identity.key") for n in "abx"}
 
 
+def test_a_reducer_handing_every_member_the_same_wrong_result_is_caught_before_commit(peers):
+    """Scenario 1, the same wrong result for everyone: every member's result hashes agree, so only the value check
+    (swarm.verify's sketches of the members' contributions) can see it. No round with x is ever committed, x is
+    named, and every committed round applied exactly the sum of the honest contributions."""
+    from swarm.averaging import add_checksums
+
+    ma, mb, ids = _honest_pair(peers, "samewrong")
+    for m1, m2 in zip(ma, mb):
+        assert m1["members"] == m2["members"] == sorted([ids["a"], ids["b"]])  # x's span was never committed
+        assert m1["sum_checksum"] == m2["sum_checksum"] == add_checksums([m1["contribution_checksum"],
+                                                                            m2["contribution_checksum"]])
+    named = [n for n in "ab" if "not the sum of the members' contributions" in (peers.base / n / "network.log").read_text()]
+    assert named, peers.log("a")[-3000:] + peers.log("b")[-3000:]
+    for n in named:
+        assert f"reducer(s) {ids['x']} handed every member a result that is not the sum" in \
+            (peers.base / n / "network.log").read_text()
+
+
 def test_a_peer_outside_the_plan_is_refused_from_the_group(peers):
     """Scenario 6: x is in nobody's plan (it advertises paused) but joins every round's group with a plan of its
     own: it is refused before any part moves (named in the log), and never in a group the honest peers apply."""
