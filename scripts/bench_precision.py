@@ -1,12 +1,13 @@
 """Base precision side by side: memory, speed, and what a mixed-precision swarm learns.
 
 usage: python scripts/bench_precision.py [--hidden 768] [--layers 12] [--steps 3] [--rounds 12] [--auto-rounds 3]
-                                        [--mlx fp32,nf4] [--skip-memory] [--skip-swarm]
+                                        [--torch fp32,bf16,nf4] [--mlx fp32,nf4] [--skip-memory] [--skip-swarm]
 
 Part 1, one process per precision (fp32, bf16, nf4 when bitsandbytes is installed), each fresh so its
 peak RSS is its own: the real trainer (`swarm.backends.torch_lora.TorchLoraBackend`) loads the same
 locally generated Qwen2-family model (random weights, byte-level tokenizer) in that precision and runs
-`--steps` LoRA steps (forward, backward, AdamW on the fp32 adapter). Printed per precision: peak RSS,
+`--steps` LoRA steps (forward, backward, AdamW on the fp32 adapter). Printed per precision: peak RSS (and, last,
+the peak reached by loading alone: converting an fp32 checkpoint maps the whole file, page cache that counts in RSS),
 the memory model's prediction for the same shape and settings (`swarm.memory.estimate`), measured ÷
 predicted, tokens/s, and both as ratios to fp32 measured in the same run.
 
@@ -74,6 +75,7 @@ def child(spec: dict) -> dict:
     fw = spec.get("framework", "torch")
     backend = load_backend(fw, run=run, model_dir=Path(spec["model"]),
                            precision=PrecisionSettings(spec["precision"], framework=fw))
+    load_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # reading + converting the checkpoint
     rng = np.random.default_rng(0)
     shape = (spec["micro_batch"], spec["seq_len"] + 1)
     backend.train([rng.integers(4, 260, shape)])  # warm-up step (kernels, allocator)
@@ -85,7 +87,7 @@ def child(spec: dict) -> dict:
         tokens += r.tokens
     seconds = time.perf_counter() - t0
     return {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-            "tokens_per_s": tokens / seconds}
+            "load_peak_rss_bytes": load_peak, "tokens_per_s": tokens / seconds}
 
 
 def predicted(model: Path, precision: str, micro_batch: int, seq_len: int, framework: str = "torch") -> int:
@@ -108,9 +110,9 @@ def part1(args) -> None:
         print(f"model: Qwen2 family, {params / 1e6:.0f}M params (random), micro-batch {args.micro_batch} x seq {args.seq_len}, "
               f"{args.steps} steps each")
         rows = []
-        print(f"{'backend/base':12} {'peak RSS':>10} {'predicted':>10} {'meas/pred':>9} {'tokens/s':>9} {'RSS/fp32':>9} {'tok/s/fp32':>10}",
+        print(f"{'backend/base':12} {'peak RSS':>10} {'predicted':>10} {'meas/pred':>9} {'tokens/s':>9} {'RSS/fp32':>9} {'tok/s/fp32':>10} {'load peak':>10}",
               flush=True)
-        for fw, prec in [("torch", p) for p in ("fp32", "bf16", "nf4")] + [("mlx", p) for p in args.mlx]:
+        for fw, prec in [("torch", p) for p in args.torch] + [("mlx", p) for p in args.mlx]:
             label = f"{fw} {'4-bit' if fw == 'mlx' and prec == 'nf4' else prec}"
             if not support(prec, "cpu", fw).ok:
                 print(f"{label}: skipped ({support(prec, 'cpu', fw).reason})")
@@ -130,7 +132,8 @@ def part1(args) -> None:
             rss, tps = m["peak_rss_bytes"], m["tokens_per_s"]
             print(f"{label:12} {rss / 2**20:8.0f}MB {pred / 2**20:8.0f}MB {rss / pred:9.2f} {tps:9.1f} "
                   f"{rss / base['peak_rss_bytes'] if base else float('nan'):9.2f} "
-                  f"{tps / base['tokens_per_s'] if base else float('nan'):10.2f}", flush=True)
+                  f"{tps / base['tokens_per_s'] if base else float('nan'):10.2f} "
+                  f"{m['load_peak_rss_bytes'] / 2**20:8.0f}MB", flush=True)
 
 
 def run_testbed(out: Path, rounds: int, *flags: str) -> dict:
@@ -212,6 +215,8 @@ def main() -> int:
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--rounds", type=int, default=12)
     p.add_argument("--auto-rounds", type=int, default=3, help="rounds of the --memory-limit swarm (part 3)")
+    p.add_argument("--torch", default="fp32,bf16,nf4", type=lambda v: [x for x in v.split(",") if x],
+                   help="torch rows (comma list of base precisions; '' for none)")
     p.add_argument("--mlx", default="fp32,nf4", type=lambda v: [x for x in v.split(",") if x],
                    help="MLX rows (comma list of base precisions; nf4 = mlx-lm 4-bit; '' for none)")
     p.add_argument("--skip-swarm", action="store_true")

@@ -342,27 +342,36 @@ def lora_params(shape: ModelShape, r: int, targets: Iterable[str]) -> int:
 def _layer_activation_bytes(shape: ModelShape, method: str, tokens: int, batch: int, e: int, r: int, targets: tuple[str, ...]) -> int:
     """Bytes autograd saves for backward in one decoder block (HF Llama forward, counted tensor by tensor).
 
-    - each RMSNorm upcasts its input to fp32 and saves it (4 B) and its output in the compute dtype
-      (e B), which the next linears (LoRA A, or the base linears in full fine-tune) save as input;
-      with trainable norm weights (full) the un-scaled normed tensor is saved too (e B);
+    - each RMSNorm upcasts its input to fp32 and saves it (4 B);
     - attention saves the rotated q and k, v, its output and log-sum-exp (fp32 per head and token);
-      o_proj's LoRA saves the same output (fused SDPA kernels write it token-major, so the
-      transpose + .contiguous() before o_proj copies nothing);
-    - the SwiGLU MLP saves gate (for SiLU), SiLU(gate) and up (for their product), and the product
-      (down_proj's input): 4 x intermediate;
-    - each LoRA target saves A's output (r) as B's input.
+      fused SDPA kernels write the output token-major, so the transpose + .contiguous() before
+      o_proj copies nothing;
+    - the SwiGLU MLP saves gate (for SiLU), SiLU(gate) and up (for their product): 3 x intermediate;
+    - each LoRA target saves A's output (r) as B's input, in fp32 (the adapter's dtype);
+    - each LoRA target's A saves its input. Under an fp32 base that is the tensor itself, shared by
+      the targets that read it: the two normed outputs, the attention output (already counted) and
+      the MLP product (down_proj's input). Under a 16-bit or 4-bit base, each target first casts its
+      input to fp32, the adapter's dtype (peft's `_cast_input_dtype`; MLX promotes bf16 @ fp32 the
+      same way), and saves that copy: one fp32 copy per target, q, k and v each their own, and the
+      16-bit originals are then saved by nobody. At 131M params (torch bf16 and nf4 on CPU) these
+      copies were the ~200 MB the model used to miss;
+    - full fine-tune: the base linears save their inputs in the compute dtype, and with trainable
+      norm weights the un-scaled normed tensor is saved too.
     Frozen base linears save nothing but their weight, which is already counted.
     """
     h, i, q, kv = shape.hidden_size, shape.intermediate_size, shape.q_dim, shape.kv_dim
-    per_token = 2 * h * (4 + e)                      # two norms: fp32 input + normed output
-    if method == "full":
-        per_token += 2 * h * e                       # normed before the weight multiply
+    per_token = 2 * h * 4                            # two norms' fp32 inputs
     per_token += e * (q + 2 * kv)                    # rotated q, k and v, saved by SDPA
-    per_token += e * q                               # SDPA output, also o_proj's input (fused kernels
-                                                     # return it token-major: .contiguous() is a no-op)
-    per_token += e * 4 * i                           # MLP
-    if method != "full":
-        per_token += e * r * len(targets)            # LoRA A outputs
+    per_token += e * q                               # SDPA output (o_proj's input)
+    per_token += e * 3 * i                           # gate, SiLU(gate), up
+    if method == "full":
+        per_token += 2 * h * e + 2 * h * e + e * i   # normed outputs, un-scaled normed, MLP product
+    else:
+        per_token += 4 * r * len(targets)            # LoRA A outputs (fp32)
+        if e == 4:                                   # the inputs themselves, saved once (all-linear exact)
+            per_token += 2 * h * 4 + 4 * i
+        else:                                        # one fp32 cast of its input per target
+            per_token += 4 * sum(shape.linear_shapes()[t][0] for t in targets)
     lse = batch * shape.num_heads * (tokens // batch) * 4
     return tokens * per_token + lse
 
