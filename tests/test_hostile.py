@@ -106,15 +106,17 @@ def test_oversized_message_is_refused_before_it_is_read(peers):
     assert peers.procs["a"].poll() is None  # still serving
 
 
-def test_poisoned_state_is_rejected_and_the_joiner_downloads_the_swarms(peers):
-    """x trains honestly but serves a poisoned adapter (with a self-consistent hash) at top priority:
-    the late joiner c rejects it if it asks x (the peers that passed that round report another hash),
-    never downloads from x again, takes a's state, and ends identical to a."""
+@pytest.mark.parametrize("mode", ["state", "optstate", "slowstate"])
+def test_poisoned_state_is_rejected_and_the_joiner_downloads_the_swarms(peers, mode):
+    """x trains honestly but serves joiners, at top priority, a poisoned adapter with a self-consistent hash
+    (`state`), the swarm's adapter with poisoned optimizer moments that pass every invariant (`optstate`,
+    scenario 8), or a stream that never ends in time (`slowstate`, scenario 7): the late joiner c rejects or
+    skips it if it asks x, never downloads that state from x again, takes a's state, and ends identical to a."""
     rounds = 24  # long enough for c to start up (~15 s on a busy 2-core machine) while the swarm trains
     common = ["--max-rounds", str(rounds), "--min-peers", "2"]
     peers.start("a", *common)
     addrs = peers.addrs("a")
-    peers.start("x", *common, initial_peers=addrs, program=[*EVIL, "state"])
+    peers.start("x", *common, initial_peers=addrs, program=[*EVIL, mode])
     end = time.monotonic() + 240
     while len(metrics(peers.base / "a" / "metrics.jsonl")) < 2:
         assert time.monotonic() < end and peers.procs["a"].poll() is None, peers.log("a")[-3000:]
