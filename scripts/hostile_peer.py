@@ -21,6 +21,8 @@ usage: python scripts/hostile_peer.py MODE [python -m swarm.join arguments]
   slowstate it trains honestly, but serves state one small message every 8 s (a stream that never ends in
            time), at top priority
   reducer  it trains honestly, but as a reducer it hands one member a different averaged span than the others
+  future   it trains honestly, but serves joiners the swarm's state relabelled as round 1000000 (a far-future round
+           nobody vouches for), at top priority
   samewrong it trains honestly, but as a reducer it hands every member (itself included) the same wrong averaged
            span: one fixed-point unit more in one data lane (every hash agrees; only a check of values sees it)
 """
@@ -34,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 MODES = ("nan", "huge", "shape", "outlier", "tokens", "state", "lure", "oldrun", "speed", "outsider", "sybil", "optstate",
-         "slowstate", "reducer", "samewrong")
+         "slowstate", "reducer", "samewrong", "future")
 if len(sys.argv) < 2 or sys.argv[1] not in MODES:
     sys.exit(f"usage: python scripts/hostile_peer.py {{{','.join(MODES)}}} --host 127.0.0.1 [swarm.join arguments]")
 MODE = sys.argv.pop(1)
@@ -114,6 +116,19 @@ if MODE == "state":
             return dataclasses.replace(self.state, adapter=bad).to_wire()
 
     swarm.sync.StateSync._serve_state = poisoned_state
+    first_in_line(hd)
+
+if MODE == "future":
+    import swarm.sync
+    import swarm.transport.hivemind_dht as hd
+
+    def far_future_state(self):
+        with self._state_lock:
+            if self.state is None:
+                return None, []
+            return dataclasses.replace(self.state, round=10 ** 6).to_wire()
+
+    swarm.sync.StateSync._serve_state = far_future_state
     first_in_line(hd)
 
 if MODE == "lure":

@@ -28,8 +28,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 HOSTILE = str(ROOT / "scripts" / "hostile_peer.py")
 MODES = ("nan", "huge", "shape", "outlier", "tokens", "speed", "outsider", "sybil", "reducer", "samewrong", "oldrun",
-         "state", "optstate", "slowstate", "lure")
-JOINER = {"state", "optstate", "slowstate", "lure"}  # attacks on a joiner: a and x train, c joins late
+         "state", "optstate", "slowstate", "future", "lure")
+JOINER = {"state", "optstate", "slowstate", "future", "lure"}  # attacks on a joiner: a and x train, c joins late
 
 
 class Swarm:

@@ -106,11 +106,12 @@ def test_oversized_message_is_refused_before_it_is_read(peers):
     assert peers.procs["a"].poll() is None  # still serving
 
 
-@pytest.mark.parametrize("mode", ["state", "optstate", "slowstate"])
+@pytest.mark.parametrize("mode", ["state", "optstate", "slowstate", "future"])
 def test_poisoned_state_is_rejected_and_the_joiner_downloads_the_swarms(peers, mode):
     """x trains honestly but serves joiners, at top priority, a poisoned adapter with a self-consistent hash
     (`state`), the swarm's adapter with poisoned optimizer moments that pass every invariant (`optstate`,
-    scenario 8), or a stream that never ends in time (`slowstate`, scenario 7): the late joiner c rejects or
+    scenario 8), a stream that never ends in time (`slowstate`, scenario 7), or the swarm's state relabelled as a
+    far-future round nobody vouches for (`future`, scenario 2): the late joiner c rejects or
     skips it if it asks x, never downloads that state from x again, takes a's state, and ends identical to a."""
     rounds = 24  # long enough for c to start up (~15 s on a busy 2-core machine) while the swarm trains
     common = ["--max-rounds", str(rounds), "--min-peers", "2"]
