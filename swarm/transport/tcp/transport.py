@@ -1,0 +1,106 @@
+"""`TcpTransport`: the `Transport` protocol (swarm/transport/base.py) over the TCP gossip node.
+
+Built so far: membership records (`put`/`get`), identity, addresses and shutdown. Averaging and
+state download raise NotImplementedError until the next phases of issue 14 build them.
+
+Values are msgpack-encoded, as with hivemind (tuples come back as lists); `get` returns one
+validated `Record` per owner. Time is this machine's clock (`now`): records carry absolute
+expirations, so peers' clocks must roughly agree (records further ahead than
+`Limits.max_ttl` are refused).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import msgpack
+
+from swarm import SwarmError
+from swarm.key import SwarmKey
+from swarm.transport.base import Record
+from swarm.transport.tcp.channel import ChannelError
+from swarm.transport.tcp.identity import load_or_create
+from swarm.transport.tcp.node import TcpNode
+from swarm.transport.tcp.records import Limits
+
+__all__ = ["TcpTransport"]
+
+IDENTITY_FILE = "identity.ed25519"  # in --output, beside hivemind's identity.key (another key type)
+
+
+class TcpTransport:
+    """Records over the TCP transport. `identity`: the key file (None: a new id every run)."""
+
+    def __init__(self, *, host: str = "0.0.0.0", port: int = 0, initial_peers: list[str] | None = None,
+                 identity: Path | None = None, swarm_key: SwarmKey | None = None,
+                 announce: list[str] | None = None, limits: Limits = Limits(), **node_options: Any) -> None:
+        try:
+            me = load_or_create(identity)
+        except (ValueError, OSError) as e:
+            raise SwarmError(str(e)) from None
+        self.swarm_key = swarm_key
+        try:
+            self.node = TcpNode(me, host=host, port=port, initial_peers=initial_peers, swarm_key=swarm_key,
+                                announce=announce, limits=limits, clock=self.now, **node_options)
+        except ValueError as e:  # a bad address in --initial-peers or --announce
+            raise SwarmError(str(e)) from None
+        except ChannelError as e:
+            raise SwarmError(str(e)) from None
+        except OSError as e:
+            if getattr(e, "errno", None) in (48, 98, 10048):  # EADDRINUSE on macOS, Linux, Windows
+                raise SwarmError(f"port {port} on {host} is already in use: pick another --port or leave it out") from None
+            raise SwarmError(f"could not listen on {host}:{port}: {e.strerror or e}") from None
+        self.peer_id = me.peer_id
+
+    # --- records ---------------------------------------------------------------------------
+    def visible_maddrs(self) -> list[str]:
+        return self.node.visible_maddrs()
+
+    def now(self) -> float:
+        return time.time()
+
+    def put(self, key: str, value: Any, ttl: float) -> bool:
+        """Store this peer's value under `key` and spread it; False if refused (too big, or not newer)."""
+        data = msgpack.packb(value, use_bin_type=True)
+        return self.node.put(key, data, self.now() + ttl)
+
+    def get(self, key: str) -> list[Record]:
+        out = []
+        for rec in self.node.get(key):
+            try:
+                value = msgpack.unpackb(rec.value, raw=False, strict_map_key=False)
+            except Exception:  # the store checked it decodes: not reached
+                continue
+            out.append(Record(owner=rec.owner, value=value, expiration=rec.expiration))
+        return out
+
+    def peers(self) -> list[str]:
+        """Peer ids connected right now (not in the protocol; for status and tests)."""
+        return self.node.peers()
+
+    def shutdown(self) -> None:
+        self.node.shutdown()
+
+    # --- not built yet (later phases of issue 14) ----------------------------------------------
+    def all_reduce(self, *args: Any, **kwargs: Any):
+        raise NotImplementedError("the tcp transport's all-reduce is not built yet")
+
+    def reducing(self) -> bool:
+        return False
+
+    def ban(self, peer_ids: set[str]) -> None:
+        raise NotImplementedError("the tcp transport's ban is not built yet (it comes with all-reduce)")
+
+    def serve_state(self, provider: Any) -> None:
+        raise NotImplementedError("the tcp transport's state download is not built yet")
+
+    def announce_state_round(self, round_: int) -> None:
+        raise NotImplementedError("the tcp transport's state download is not built yet")
+
+    def download_state(self, timeout: float, min_round: int = 0, skip: set[str] = frozenset()):
+        raise NotImplementedError("the tcp transport's state download is not built yet")
+
+    def distrust(self, source: str) -> None:
+        raise NotImplementedError("the tcp transport's state download is not built yet")
