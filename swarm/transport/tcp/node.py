@@ -19,11 +19,11 @@ well-connected random graph from a single initial peer. Two nodes that dial each
 keep the connection dialed by the smaller peer id.
 
 Messages (channel frames, msgpack maps): {"t": "rec", "r": [record, ...]} (`SignedRecord.to_wire`,
-at most `MAX_BATCH` per frame). Unknown types are ignored (newer peers may send more); a malformed
+at most `peer.MAX_BATCH` per frame). Unknown types are ignored (newer peers may send more); a malformed
 known one, a record with a bad signature or a broken frame disconnects its sender.
 
-Threading (STYLE habit 4): the event loop runs in its own daemon thread (uvloop where it imports,
-asyncio's loop elsewhere, e.g. Windows); callers get plain synchronous calls.
+Threading (STYLE habit 4): the event loop runs on its own thread (`loop.LoopThread`: uvloop where it
+imports, asyncio's loop elsewhere, e.g. Windows); callers get plain synchronous calls.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import threading
+import socket
 import time
 from typing import Any, Callable, Coroutine
 
@@ -41,39 +41,35 @@ from swarm.key import SwarmKey
 from swarm.transport.tcp import addresses
 from swarm.transport.tcp.channel import HANDSHAKE_TIMEOUT, MAX_FRAME, Channel, ChannelError, TlsContexts, accept, dial
 from swarm.transport.tcp.identity import Identity
+from swarm.transport.tcp.loop import LoopThread
+from swarm.transport.tcp.peer import Peer, parse_records
 from swarm.transport.tcp.records import STALE, Limits, RecordStore, SignedRecord, sign
 
-__all__ = ["TcpNode", "new_event_loop", "ADDR_KEY"]
+__all__ = ["TcpNode", "ADDR_KEY"]
 
 log = logging.getLogger("swarm.transport.tcp")
 
 ADDR_KEY = "_swarm.tcp.addrs"   # value: list of this owner's multiaddrs
 ADDR_TTL = 60.0                 # refreshed every third of it
 MAX_ADDRS = 8                   # addresses per peer, at most
-MAX_BATCH = 1024                # records per "rec" frame, at most
-SYNC_BATCH_BYTES = 1 << 20      # a sync frame's values, about
-SEND_QUEUE_BYTES = 32 << 20     # queued for one peer before it counts as too slow and is dropped
 TICK = 0.5                      # seconds between maintenance passes
 DIAL_BACKOFF = 10.0             # seconds before a failed address is dialed again
 
 
-def new_event_loop() -> asyncio.AbstractEventLoop:
-    """uvloop's loop where it is installed (not on Windows), else asyncio's default."""
+def _dialable_host(host: str) -> str:
+    """The address others may dial for a listener on `host`: for a wildcard, the interface this machine
+    routes outgoing traffic through (a UDP `connect` sends no packet), else loopback. `announce` overrides."""
+    if host not in ("0.0.0.0", "::", ""):
+        return host
+    v6 = host == "::"
+    s = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_DGRAM)
     try:
-        import uvloop
-    except ImportError:
-        return asyncio.new_event_loop()
-    return uvloop.new_event_loop()
-
-
-class _Peer:
-    """A connected peer: its channel and an outgoing queue drained by one writer task."""
-
-    def __init__(self, ch: Channel, backlog: list[SignedRecord]) -> None:
-        self.ch = ch
-        self.backlog = backlog                      # the sync snapshot, sent before anything queued
-        self.queue: asyncio.Queue = asyncio.Queue()
-        self.queued_bytes = 0
+        s.connect(("2001:db8::1" if v6 else "192.0.2.1", 9))  # documentation addresses: never contacted
+        return s.getsockname()[0]
+    except OSError:
+        return "::1" if v6 else "127.0.0.1"
+    finally:
+        s.close()
 
 
 class TcpNode:
@@ -91,16 +87,14 @@ class TcpNode:
         self.initial = [addresses.parse(a) for a in initial_peers or []]  # ValueError for a bad one, before any socket
         self._announce = [str(addresses.parse(a)) for a in announce or []]
         self._tls = TlsContexts(identity)
-        self._peers: dict[str, _Peer] = {}
+        self._peers: dict[str, Peer] = {}
         self._connections = 0                       # sockets open, handshaking ones included
         self._failed: dict[str, float] = {}         # address -> when dialing it last failed
         self._dialing: set[str] = set()             # peer ids being dialed
         self._tasks: set[asyncio.Task] = set()
         self._stopping = False
         self.disconnects: dict[str, int] = {}       # why peers were dropped -> count
-        self._loop = new_event_loop()
-        self._thread = threading.Thread(target=self._run, name=f"tcp-node-{self.peer_id[-6:]}", daemon=True)
-        self._thread.start()
+        self._runner = LoopThread(f"tcp-node-{self.peer_id[-6:]}")
         try:
             self._call(self._start(host, port), startup_timeout)
         except BaseException:
@@ -127,25 +121,11 @@ class TcpNode:
         return list(self._addrs)
 
     def shutdown(self) -> None:
-        if self._loop.is_closed():
-            return
-        if self._loop.is_running():
-            try:
-                self._call(self._stop(), 10.0)
-            except Exception:
-                pass
-            self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=10.0)
-        if not self._thread.is_alive():
-            self._loop.close()
+        self._runner.stop(self._stop())
 
     # --- loop plumbing ------------------------------------------------------------------------
-    def _run(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        self._loop.run_forever()
-
     def _call(self, coro: Coroutine, timeout: float = 30.0) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+        return self._runner.call(coro, timeout)
 
     @staticmethod
     async def _async(fn: Callable[[], Any]) -> Any:
@@ -160,10 +140,10 @@ class TcpNode:
     async def _start(self, host: str, port: int) -> None:
         self._server = await asyncio.start_server(self._on_inbound, host, port, ssl=self._tls.server,
                                                   ssl_handshake_timeout=HANDSHAKE_TIMEOUT)
-        bound = self._server.sockets[0].getsockname()
-        self._addrs = self._announce or [addresses.format_address(bound[0], bound[1], self.peer_id)]
+        port = self._server.sockets[0].getsockname()[1]
+        self._addrs = self._announce or [addresses.format_address(_dialable_host(host), port, self.peer_id)]
         self._addrs_due = 0.0
-        await self._refresh_addrs()
+        self._refresh_addrs()
         errors, reached = [], 0
         for addr in self.initial:
             if addr.peer_id == self.peer_id:
@@ -200,22 +180,14 @@ class TcpNode:
         why = self.store.add(rec)
         if why is not None:
             return why
-        msg = {"t": "rec", "r": [rec.to_wire()]}
         for pid, peer in list(self._peers.items()):
-            if pid != source:
-                self._enqueue(peer, msg, len(rec.value) + 256)
+            if pid != source and not peer.offer(rec):
+                self._drop(peer, "too slow to take records")
         if rec.key == ADDR_KEY and rec.owner != self.peer_id:
             self._consider_dialing(rec)
         return None
 
-    def _enqueue(self, peer: _Peer, msg: dict, size: int) -> None:
-        if peer.queued_bytes + size > SEND_QUEUE_BYTES:
-            self._drop(peer, "too slow to take records")
-            return
-        peer.queued_bytes += size
-        peer.queue.put_nowait((msg, size))
-
-    async def _refresh_addrs(self) -> None:
+    def _refresh_addrs(self) -> None:
         now = self.clock()
         if now >= self._addrs_due:
             self._addrs_due = now + ADDR_TTL / 3
@@ -278,7 +250,7 @@ class TcpNode:
                 ch.close()
                 return
             self._drop(old, "replaced by a simultaneous connection")
-        peer = _Peer(ch, list(self.store.records()))
+        peer = Peer(ch, list(self.store.records()))
         self._peers[pid] = peer
         writer = self._spawn(self._write(peer))
         try:
@@ -299,15 +271,11 @@ class TcpNode:
     def _handle(self, msg: dict, source: str) -> str | None:
         """Apply one message from `source`; a reason to disconnect it, or None."""
         if msg["t"] != "rec":
-            return None
-        items = msg.get("r")
-        if not isinstance(items, list) or len(items) > MAX_BATCH:
-            return f"a record batch is not a list of at most {MAX_BATCH}"
-        for item in items:
-            try:
-                rec = SignedRecord.from_wire(item)
-            except ValueError as e:
-                return f"malformed record: {e}"
+            return None  # a type this version does not know: newer peers may send more
+        records = parse_records(msg)
+        if isinstance(records, str):
+            return records
+        for rec in records:
             why = self._accept(rec, source)
             if why == "bad signature":
                 return f"forged record under {rec.key[:64]!r} (bad signature for {rec.owner[:64]})"
@@ -315,27 +283,13 @@ class TcpNode:
                 log.debug("refused a record from %s: %s", source, why)
         return None
 
-    async def _write(self, peer: _Peer) -> None:
-        """Send the sync snapshot in batches, then whatever gets queued; a send failure drops the peer."""
+    async def _write(self, peer: Peer) -> None:
         try:
-            batch, size = [], 0
-            for rec in peer.backlog:
-                batch.append(rec.to_wire())
-                size += len(rec.value)
-                if len(batch) >= MAX_BATCH or size >= SYNC_BATCH_BYTES:
-                    await peer.ch.send({"t": "rec", "r": batch})
-                    batch, size = [], 0
-            if batch:
-                await peer.ch.send({"t": "rec", "r": batch})
-            peer.backlog = []
-            while True:
-                msg, size = await peer.queue.get()
-                peer.queued_bytes -= size
-                await peer.ch.send(msg)
+            await peer.pump()
         except ChannelError as e:
             self._drop(peer, str(e))
 
-    def _drop(self, peer: _Peer, why: str) -> None:
+    def _drop(self, peer: Peer, why: str) -> None:
         if not peer.ch.closed:
             self._count(why)
             log.info("dropping %s: %s", peer.ch.peer_id, why)
@@ -385,7 +339,7 @@ class TcpNode:
             await asyncio.sleep(TICK)
             try:
                 self.store.purge()
-                await self._refresh_addrs()
+                self._refresh_addrs()
                 now = self.clock()
                 if not self._peers and not self._dialing:
                     for addr in self.initial:

@@ -11,6 +11,7 @@ expirations, so peers' clocks must roughly agree (records further ahead than
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -23,9 +24,11 @@ from swarm.transport.base import Record
 from swarm.transport.tcp.channel import ChannelError
 from swarm.transport.tcp.identity import load_or_create
 from swarm.transport.tcp.node import TcpNode
-from swarm.transport.tcp.records import Limits
+from swarm.transport.tcp.records import STALE, Limits
 
 __all__ = ["TcpTransport"]
+
+log = logging.getLogger("swarm.transport.tcp")
 
 IDENTITY_FILE = "identity.ed25519"  # in --output, beside hivemind's identity.key (another key type)
 
@@ -64,7 +67,10 @@ class TcpTransport:
     def put(self, key: str, value: Any, ttl: float) -> bool:
         """Store this peer's value under `key` and spread it; False if refused (too big, or not newer)."""
         data = msgpack.packb(value, use_bin_type=True)
-        return self.node.put(key, data, self.now() + ttl)
+        why = self.node.put_why(key, data, self.now() + ttl)
+        if why not in (None, STALE):
+            log.warning("record under %s not stored: %s", key, why)
+        return why is None
 
     def get(self, key: str) -> list[Record]:
         out = []
