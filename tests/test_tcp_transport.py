@@ -127,7 +127,7 @@ def test_identity_of_another_key_type_is_refused(tmp_path):
 
 
 @given(st.text(max_size=80))
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=200, deadline=None, database=None)
 def test_peer_id_parsing_never_crashes(text):
     try:
         public_key_of(text)
@@ -207,12 +207,12 @@ def test_record_caps():
 
 
 wire_items = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20) | st.binary(max_size=70),
+    st.none() | st.booleans() | st.integers(-2 ** 63, 2 ** 64 - 1) | st.floats() | st.text(max_size=20) | st.binary(max_size=70),
     lambda inner: st.lists(inner, max_size=6), max_leaves=12)
 
 
 @given(wire_items)
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300, deadline=None, database=None)
 def test_fuzzed_records_are_refused_cleanly(item):
     store = RecordStore(Limits(), Clock())
     try:
@@ -223,7 +223,7 @@ def test_fuzzed_records_are_refused_cleanly(item):
 
 
 @given(st.binary(max_size=300))
-@settings(max_examples=500, deadline=None)
+@settings(max_examples=500, deadline=None, database=None)
 def test_fuzzed_frame_bodies_decode_or_fail_cleanly(body):
     try:
         msg = decode(body)
@@ -405,3 +405,80 @@ def test_works_where_hivemind_cannot_be_imported():
     out = subprocess.run([sys.executable, "-c", NO_HIVEMIND], capture_output=True, text=True, timeout=60, cwd=ROOT,
                          env=env)
     assert out.returncode == 0 and out.stdout.strip() == "ok True", out.stderr[-3000:]
+
+
+def test_channel_frame_limits_on_a_plain_socket():
+    """Over plain streams (the framing does not depend on TLS): oversize, truncated and late frames."""
+    from swarm.transport.tcp.channel import Channel
+
+    async def main() -> list[str]:
+        inbox: asyncio.Queue = asyncio.Queue()
+
+        async def serve(reader, writer):
+            ch = Channel(reader, writer, "peer", dialer=False, max_frame=1000)
+            ch.body_timeout = 0.2
+            while True:
+                try:
+                    await inbox.put(await ch.recv())
+                except ChannelError as e:
+                    await inbox.put(str(e))
+                    ch.close()
+                    return
+
+        server = await asyncio.start_server(serve, LOCAL, 0)
+        port = server.sockets[0].getsockname()[1]
+        out = []
+        for data in [encode({"t": "a"}) + (1001).to_bytes(4, "big"), (100).to_bytes(4, "big") + b"late",
+                     encode({"t": "b"}) + b"\x00\x00", (3).to_bytes(4, "big") + b"\xc1\xc1\xc1"]:
+            _, w = await asyncio.open_connection(LOCAL, port)
+            w.write(data)
+            await w.drain()
+            if data.startswith(encode({"t": "b"})):
+                w.close()
+            while True:
+                msg = await asyncio.wait_for(inbox.get(), 5)
+                out.append(msg if isinstance(msg, str) else msg["t"])
+                if isinstance(msg, str):
+                    break
+            w.close()
+        server.close()
+        await server.wait_closed()
+        return out
+
+    assert asyncio.run(main()) == ["a", "a frame announced 1001 bytes (limit 1000)", "a 100-byte frame did not arrive within 0.2s",
+                                   "b", "connection closed mid-frame", "undecodable frame (FormatError)"]
+
+
+def test_fuzzed_frames_and_records_at_a_live_node(nodes):
+    """Hypothesis-made frames (random bodies, random maps, random record batches) at a live node: it
+    drops the sender or ignores the frame, and still serves records afterwards."""
+    a = nodes()
+    assert a.put("k", "kept", ttl=60)
+    port = addresses.parse(a.visible_maddrs()[0]).port
+    me = Identity.generate()
+    tls = TlsContexts(me)
+    bodies = st.one_of(
+        st.binary(max_size=200),
+        st.builds(lambda d: msgpack.packb(d, use_bin_type=True), st.dictionaries(st.text(max_size=3), wire_items, max_size=3)),
+        st.builds(lambda r: msgpack.packb({"t": "rec", "r": r}, use_bin_type=True), st.lists(wire_items, max_size=4)),
+    )
+
+    async def send(frames: list[bytes]) -> None:
+        ch = await dial(LOCAL, port, a.peer_id, me, tls)
+        for body in frames:
+            ch.writer.write(len(body).to_bytes(4, "big") + body)
+        try:
+            await ch.writer.drain()
+        except (ConnectionError, OSError):
+            pass
+        ch.close()
+
+    @given(st.lists(bodies, min_size=1, max_size=5))
+    @settings(max_examples=60, deadline=None, database=None)
+    def fuzz(frames):
+        asyncio.run(send(frames))
+
+    fuzz()
+    b = nodes(initial_peers=a.visible_maddrs())
+    wait_for(lambda: [r.value for r in b.get("k")] == ["kept"], 5.0, "a record served after the fuzzing")
+    assert b.peer_id in a.peers()

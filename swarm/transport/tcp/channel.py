@@ -21,9 +21,10 @@ a stranger's connection is closed before any record moves. The whole handshake i
 `timeout` seconds.
 
 Frames: a 4-byte big-endian length, then a msgpack map with a string "t" (its type). The length is
-checked against `max_frame` before a byte of the body is read or buffered; an oversized,
-truncated or undecodable frame raises `ChannelError` (one line), which callers turn into closing
-the connection, never into a crash.
+checked against `max_frame` (64 KiB until the handshake is done) before a byte of the body is read
+or buffered, and the body must follow within `body_timeout` seconds. An oversized, truncated, late
+or undecodable frame raises `ChannelError` (one line), which callers turn into closing the
+connection, never into a crash.
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ __all__ = ["Channel", "ChannelError", "TlsContexts", "dial", "accept", "encode",
 
 MAX_FRAME = 4 << 20          # bytes of one frame's body, at most (default; each channel may set its own)
 HANDSHAKE_TIMEOUT = 10.0     # seconds for TLS plus the auth exchange
+BODY_TIMEOUT = 30.0          # seconds for a frame's body to arrive once its header has (a truncated frame ends there)
+HANDSHAKE_FRAME = 64 << 10   # handshake messages are small: the cap until the peer is authenticated
 LABEL = b"swarm-tcp/1"
 AUTH = LABEL + b"|auth"
 NONCE_BYTES = 32
@@ -116,6 +119,7 @@ class Channel:
         self.peer_id = peer_id
         self.dialer = dialer          # True: this side dialed
         self.max_frame = max_frame
+        self.body_timeout = BODY_TIMEOUT
         self._send_lock = asyncio.Lock()
         self.closed = False
 
@@ -125,7 +129,9 @@ class Channel:
             size = int.from_bytes(header, "big")
             if size > self.max_frame:
                 raise ChannelError(f"a frame announced {size} bytes (limit {self.max_frame})")
-            body = await self.reader.readexactly(size)
+            body = await asyncio.wait_for(self.reader.readexactly(size), self.body_timeout)
+        except asyncio.TimeoutError:
+            raise ChannelError(f"a {size}-byte frame did not arrive within {self.body_timeout:g}s") from None
         except asyncio.IncompleteReadError as e:
             raise ChannelError("connection closed" if not e.partial else "connection closed mid-frame") from None
         except (ConnectionError, OSError, ssl.SSLError) as e:
@@ -193,7 +199,7 @@ async def dial(host: str, port: int, expected: str | None, identity: Identity, t
 
 async def _dial(host, port, expected, identity, tls, swarm_key, max_frame) -> Channel:
     reader, writer = await asyncio.open_connection(host, port, ssl=tls.client, server_hostname=host)
-    ch = Channel(reader, writer, "", dialer=True, max_frame=max_frame)
+    ch = Channel(reader, writer, "", dialer=True, max_frame=min(max_frame, HANDSHAKE_FRAME))
     try:
         listener = _listener_id(writer)
         if expected is not None and listener != expected:
@@ -217,7 +223,7 @@ async def _dial(host, port, expected, identity, tls, swarm_key, max_frame) -> Ch
             raise ChannelError(f"peer {listener} sent no valid handshake reply")
         if swarm_key is not None and not swarm_key.check(ok.get("m"), *_proof(b"listener", listener, me, n1, n2)):
             raise ChannelError(f"peer {listener} is not in this private swarm (its swarm-key proof is wrong or missing)")
-        ch.peer_id = listener
+        ch.peer_id, ch.max_frame = listener, max_frame
         return ch
     except BaseException:
         ch.close()
@@ -228,7 +234,7 @@ async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, ide
                  swarm_key: SwarmKey | None = None, timeout: float = HANDSHAKE_TIMEOUT,
                  max_frame: int = MAX_FRAME) -> Channel:
     """Authenticate a dialer on a connection TLS has already accepted; ChannelError (closed) if it fails."""
-    ch = Channel(reader, writer, "", dialer=False, max_frame=min(max_frame, 64 << 10))  # handshake frames are small
+    ch = Channel(reader, writer, "", dialer=False, max_frame=min(max_frame, HANDSHAKE_FRAME))
     try:
         return await asyncio.wait_for(_accept(ch, identity, swarm_key, max_frame), timeout)
     except asyncio.TimeoutError:
