@@ -341,6 +341,7 @@ class TcpNode:
                 self.store.purge()
                 self._refresh_addrs()
                 now = self.clock()
+                self._failed = {a: t for a, t in self._failed.items() if now - t < DIAL_BACKOFF}
                 if not self._peers and not self._dialing:
                     for addr in self.initial:
                         if addr.peer_id != self.peer_id and now - self._failed.get(str(addr), -DIAL_BACKOFF) >= DIAL_BACKOFF:
