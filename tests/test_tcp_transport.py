@@ -487,3 +487,41 @@ def test_fuzzed_frames_and_records_at_a_live_node(nodes):
     b = nodes(initial_peers=a.visible_maddrs())
     wait_for(lambda: [r.value for r in b.get("k")] == ["kept"], 5.0, "a record served after the fuzzing")
     assert b.peer_id in a.peers()
+
+
+CHILD_NODE = textwrap.dedent("""
+    import sys, time
+    from swarm.transport.tcp.transport import TcpTransport
+    t = TcpTransport(host="127.0.0.1")
+    t.put("hello", "from the child", ttl=60)
+    print(t.visible_maddrs()[0], flush=True)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        replies = [r for r in t.get("reply") if r.owner != t.peer_id]
+        if replies:
+            print("reply", replies[0].value, replies[0].owner, flush=True)
+            break
+        time.sleep(0.02)
+    t.shutdown()
+""")
+
+
+def test_nodes_in_separate_processes(nodes):
+    """A node in a child process and two here: records cross the process boundary both ways."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    child = subprocess.Popen([sys.executable, "-c", CHILD_NODE], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, env=env, cwd=ROOT)
+    try:
+        maddr = child.stdout.readline().strip()
+        child_id = addresses.parse(maddr).peer_id
+        b = nodes(initial_peers=[maddr])
+        c = nodes(initial_peers=b.visible_maddrs())  # reaches the child through b
+        wait_for(lambda: [(r.owner, r.value) for r in c.get("hello")] == [(child_id, "from the child")], 5.0,
+                 "the child's record on c")
+        assert c.put("reply", 42, ttl=60)
+        out, err = child.communicate(timeout=20)
+        assert out.split() == ["reply", "42", c.peer_id], err[-3000:]
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
