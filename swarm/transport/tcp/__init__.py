@@ -2,6 +2,7 @@
 
 Never imports hivemind, directly or through other swarm modules (tests check this in a process
 where `import hivemind` fails). Modules, bottom up: `identity` (key file, peer ids), `addresses`
-(multiaddrs), `channel` (authenticated, encrypted, framed connections), `records` (signed record
-store), `node` (the gossip node on its own event loop thread), `transport` (`TcpTransport`).
+(multiaddrs: the only importer of py-multiaddr), `channel` (authenticated, encrypted, framed
+connections), `records` (signed records and the capped store), `loop` (the event loop thread),
+`peer` (one connection's queue and messages), `node` (the gossip node), `transport` (`TcpTransport`).
 """
