@@ -424,7 +424,7 @@ def test_channel_frame_limits_on_a_plain_socket():
             ch.body_timeout = 0.2
             while True:
                 try:
-                    await inbox.put(await ch.recv())
+                    await inbox.put(await ch.recv(idle_timeout=0.3))
                 except ChannelError as e:
                     await inbox.put(str(e))
                     ch.close()
@@ -434,7 +434,7 @@ def test_channel_frame_limits_on_a_plain_socket():
         port = server.sockets[0].getsockname()[1]
         out = []
         for data in [encode({"t": "a"}) + (1001).to_bytes(4, "big"), (100).to_bytes(4, "big") + b"late",
-                     encode({"t": "b"}) + b"\x00\x00", (3).to_bytes(4, "big") + b"\xc1\xc1\xc1"]:
+                     encode({"t": "b"}) + b"\x00\x00", (3).to_bytes(4, "big") + b"\xc1\xc1\xc1", b""]:
             _, w = await asyncio.open_connection(LOCAL, port)
             w.write(data)
             await w.drain()
@@ -451,7 +451,8 @@ def test_channel_frame_limits_on_a_plain_socket():
         return out
 
     assert asyncio.run(main()) == ["a", "a frame announced 1001 bytes (limit 1000)", "a 100-byte frame did not arrive within 0.2s",
-                                   "b", "connection closed mid-frame", "undecodable frame (FormatError)"]
+                                   "b", "connection closed mid-frame", "undecodable frame (FormatError)",
+                                   "the peer was silent for 0.3s"]
 
 
 def test_fuzzed_frames_and_records_at_a_live_node(nodes):
@@ -525,3 +526,30 @@ def test_nodes_in_separate_processes(nodes):
         if child.poll() is None:
             child.kill()
             child.wait()
+
+
+def test_pings_keep_quiet_peers_and_silent_ones_are_dropped(nodes, monkeypatch):
+    import swarm.transport.tcp.node as node_module
+    import swarm.transport.tcp.peer as peer_module
+
+    monkeypatch.setattr(peer_module, "PING_INTERVAL", 0.1)
+    monkeypatch.setattr(node_module, "IDLE_TIMEOUT", 0.6)
+    a = nodes()
+    b = nodes(initial_peers=a.visible_maddrs())
+    port = addresses.parse(a.visible_maddrs()[0]).port
+
+    async def silent() -> bytes:
+        ch = await dial(LOCAL, port, a.peer_id, Identity.generate(), TlsContexts(Identity.generate()))
+        start = time.monotonic()
+        while time.monotonic() - start < 5:
+            try:
+                await ch.recv()  # a's sync and pings, until a drops this silent peer
+            except ChannelError:
+                break
+        ch.close()
+        return time.monotonic() - start
+
+    assert 0.5 < asyncio.run(silent()) < 3
+    assert a.node.disconnects.get("the peer was silent for 0.6s") == 1
+    time.sleep(1.0)
+    assert a.peers() == [b.peer_id] and b.peers() == [a.peer_id]  # quiet but pinging: kept

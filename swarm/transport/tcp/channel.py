@@ -123,20 +123,24 @@ class Channel:
         self._send_lock = asyncio.Lock()
         self.closed = False
 
-    async def recv(self) -> dict:
+    async def recv(self, idle_timeout: float | None = None) -> dict:
+        """The next message; ChannelError if none starts within `idle_timeout` seconds (None: no limit)."""
+        header = await self._read(4, idle_timeout, f"the peer was silent for {idle_timeout}s", first=True)
+        size = int.from_bytes(header, "big")
+        if size > self.max_frame:
+            raise ChannelError(f"a frame announced {size} bytes (limit {self.max_frame})")
+        body = await self._read(size, self.body_timeout, f"a {size}-byte frame did not arrive within {self.body_timeout:g}s")
+        return decode(body)
+
+    async def _read(self, n: int, timeout: float | None, late: str, first: bool = False) -> bytes:
         try:
-            header = await self.reader.readexactly(4)
-            size = int.from_bytes(header, "big")
-            if size > self.max_frame:
-                raise ChannelError(f"a frame announced {size} bytes (limit {self.max_frame})")
-            body = await asyncio.wait_for(self.reader.readexactly(size), self.body_timeout)
+            return await asyncio.wait_for(self.reader.readexactly(n), timeout)
         except asyncio.TimeoutError:
-            raise ChannelError(f"a {size}-byte frame did not arrive within {self.body_timeout:g}s") from None
+            raise ChannelError(late) from None
         except asyncio.IncompleteReadError as e:
-            raise ChannelError("connection closed" if not e.partial else "connection closed mid-frame") from None
+            raise ChannelError("connection closed" if first and not e.partial else "connection closed mid-frame") from None
         except (ConnectionError, OSError, ssl.SSLError) as e:
             raise ChannelError(f"connection lost ({type(e).__name__})") from None
-        return decode(body)
 
     async def send(self, msg: dict) -> None:
         frame = encode(msg, self.max_frame)

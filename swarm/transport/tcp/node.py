@@ -19,7 +19,7 @@ well-connected random graph from a single initial peer. Two nodes that dial each
 keep the connection dialed by the smaller peer id.
 
 Messages (channel frames, msgpack maps): {"t": "rec", "r": [record, ...]} (`SignedRecord.to_wire`,
-at most `peer.MAX_BATCH` per frame). Unknown types are ignored (newer peers may send more); a malformed
+at most `peer.MAX_BATCH` per frame) and {"t": "ping"} (keepalive). Unknown types are ignored (newer peers may send more); a malformed
 known one, a record with a bad signature or a broken frame disconnects its sender.
 
 Threading (STYLE habit 4): the event loop runs on its own thread (`loop.LoopThread`: uvloop where it
@@ -42,7 +42,7 @@ from swarm.transport.tcp import addresses
 from swarm.transport.tcp.channel import HANDSHAKE_TIMEOUT, MAX_FRAME, Channel, ChannelError, TlsContexts, accept, dial
 from swarm.transport.tcp.identity import Identity
 from swarm.transport.tcp.loop import LoopThread
-from swarm.transport.tcp.peer import Peer, parse_records
+from swarm.transport.tcp.peer import IDLE_TIMEOUT, Peer, parse_records
 from swarm.transport.tcp.records import STALE, Limits, RecordStore, SignedRecord, sign
 
 __all__ = ["TcpNode", "ADDR_KEY"]
@@ -255,7 +255,7 @@ class TcpNode:
         writer = self._spawn(self._write(peer))
         try:
             while True:
-                msg = await ch.recv()
+                msg = await ch.recv(IDLE_TIMEOUT)
                 why = self._handle(msg, pid)
                 if why is not None:
                     raise ChannelError(why)

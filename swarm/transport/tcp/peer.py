@@ -2,7 +2,8 @@
 
 Outgoing: first the sync snapshot (every live record the node held when the connection opened, in
 frames of at most `MAX_BATCH` records or about `SYNC_BATCH_BYTES` of values), then the records
-queued since, in order. The queue is bounded in bytes (`SEND_QUEUE_BYTES`): a peer that does not
+queued since, in order, and a ping after `PING_INTERVAL` seconds with nothing to send (a peer
+silent for `IDLE_TIMEOUT` is dropped: half-open connections do not linger). The queue is bounded in bytes (`SEND_QUEUE_BYTES`): a peer that does not
 read is dropped rather than buffered for without end; the sync on reconnection repairs what it missed.
 
 Incoming: `parse_records` turns a "rec" message into records, or a reason to drop the sender.
@@ -15,11 +16,13 @@ import asyncio
 from swarm.transport.tcp.channel import Channel
 from swarm.transport.tcp.records import SignedRecord
 
-__all__ = ["Peer", "parse_records", "MAX_BATCH"]
+__all__ = ["Peer", "parse_records", "MAX_BATCH", "IDLE_TIMEOUT"]
 
 MAX_BATCH = 1024                # records per "rec" frame, at most
 SYNC_BATCH_BYTES = 1 << 20      # a sync frame's values, about
 SEND_QUEUE_BYTES = 32 << 20     # queued for one peer before it counts as too slow and is dropped
+PING_INTERVAL = 15.0            # seconds of nothing to send before a ping
+IDLE_TIMEOUT = 3 * PING_INTERVAL  # a peer silent this long (no records, no pings) is gone: drop it
 RECORD_OVERHEAD = 256           # a record's bytes besides its value, about (key, owner, signature, framing)
 
 
@@ -54,7 +57,11 @@ class Peer:
             await self.ch.send({"t": "rec", "r": batch})
         self.backlog = []
         while True:
-            rec, size = await self.queue.get()
+            try:
+                rec, size = await asyncio.wait_for(self.queue.get(), PING_INTERVAL)
+            except asyncio.TimeoutError:
+                await self.ch.send({"t": "ping"})  # keeps the connection alive, and shows it is
+                continue
             self.queued_bytes -= size
             await self.ch.send({"t": "rec", "r": [rec.to_wire()]})
 
