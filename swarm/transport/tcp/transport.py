@@ -1,7 +1,7 @@
 """`TcpTransport`: the `Transport` protocol (swarm/transport/base.py) over the TCP gossip node.
 
-Built so far: membership records (`put`/`get`), identity, addresses and shutdown. Averaging and
-state download raise NotImplementedError until the next phases of issue 14 build them.
+Built so far: membership records (`put`/`get`), identity, addresses, state download (`state`) and
+shutdown. Averaging fails every attempt with a TransportError until the next phase builds it.
 
 Values are msgpack-encoded, as with hivemind (tuples come back as lists); `get` returns one
 validated `Record` per owner. Time is this machine's clock (`now`): records carry absolute
@@ -20,11 +20,12 @@ import msgpack
 
 from swarm import SwarmError
 from swarm.key import SwarmKey
-from swarm.transport.base import Record
+from swarm.transport.base import Record, StateProvider, TransportError
 from swarm.transport.tcp.channel import ChannelError
 from swarm.transport.tcp.identity import load_or_create
 from swarm.transport.tcp.node import TcpNode
 from swarm.transport.tcp.records import STALE, Limits
+from swarm.transport.tcp.state import StateService
 
 __all__ = ["TcpTransport"]
 
@@ -56,6 +57,7 @@ class TcpTransport:
                 raise SwarmError(f"port {port} on {host} is already in use: pick another --port or leave it out") from None
             raise SwarmError(f"could not listen on {host}:{port}: {e.strerror or e}") from None
         self.peer_id = me.peer_id
+        self._state = StateService(self.node, self.get)
 
     # --- records ---------------------------------------------------------------------------
     def visible_maddrs(self) -> list[str]:
@@ -90,23 +92,31 @@ class TcpTransport:
         self.node.shutdown()
 
     # --- not built yet (later phases of issue 14) ----------------------------------------------
+    def open_averaging(self, *, run: str, vector_size: int, **options: Any) -> None:
+        self._state.open(run, vector_size)  # state announcements of this run, and the state's size cap
+
     def all_reduce(self, *args: Any, **kwargs: Any):
-        raise NotImplementedError("the tcp transport's all-reduce is not built yet")
+        raise NotBuilt("all-reduce failed: the tcp transport's all-reduce is not built yet")
 
     def reducing(self) -> bool:
         return False
 
     def ban(self, peer_ids: set[str]) -> None:
-        raise NotImplementedError("the tcp transport's ban is not built yet (it comes with all-reduce)")
+        self._state.banned = set(peer_ids)  # never a state source either (as with hivemind)
 
-    def serve_state(self, provider: Any) -> None:
-        raise NotImplementedError("the tcp transport's state download is not built yet")
+    # --- state (`state.StateService`) -------------------------------------------------------
+    def serve_state(self, provider: StateProvider) -> None:
+        self._state.serve(provider)
 
     def announce_state_round(self, round_: int) -> None:
-        raise NotImplementedError("the tcp transport's state download is not built yet")
+        self._state.announce(round_)
 
     def download_state(self, timeout: float, min_round: int = 0, skip: set[str] = frozenset()):
-        raise NotImplementedError("the tcp transport's state download is not built yet")
+        return self._state.download(timeout, min_round=min_round, skip=skip)
 
     def distrust(self, source: str) -> None:
-        raise NotImplementedError("the tcp transport's state download is not built yet")
+        self._state.distrust(source)
+
+
+class NotBuilt(TransportError, NotImplementedError):
+    """A part of the transport that a later phase builds: the round loop sees a failed attempt, not a crash."""
