@@ -90,7 +90,7 @@ class TcpNode:
         self.max_dialed, self.max_connections = max_dialed, max_connections
         self.store = RecordStore(limits, clock)
         self.initial = [addresses.parse(a) for a in initial_peers or []]  # ValueError for a bad one, before any socket
-        self._announce = [str(addresses.parse(a)) for a in announce or []]
+        self._announce = [self._own_address(a) for a in announce or []]
         self._tls = TlsContexts(identity)
         self._peers: dict[str, Peer] = {}
         self._connections = 0                       # sockets open, handshaking ones included
@@ -106,6 +106,13 @@ class TcpNode:
         except BaseException:
             self.shutdown()
             raise
+
+    def _own_address(self, text: str) -> str:
+        """An address to announce, with this peer's id (`--announce` may leave /p2p/ out); ValueError if bad."""
+        addr = addresses.parse(text, require_peer_id=False)
+        if addr.peer_id not in (None, self.peer_id):
+            raise ValueError(f"{text} names peer {addr.peer_id}, not this peer ({self.peer_id})")
+        return addresses.format_address(addr.host, addr.port, self.peer_id, addr.family)
 
     # --- synchronous API (any thread) ---------------------------------------------------------
     def put(self, key: str, value: bytes, expiration: float) -> bool:
