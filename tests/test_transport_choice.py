@@ -180,3 +180,48 @@ def test_status_over_tcp_at_an_unreachable_peer_is_one_line(capsys):
     assert __import__("swarm.status", fromlist=["main"]).main(["--transport", "tcp", "--initial-peers", dead]) == 2
     line = _one_line(capsys.readouterr().err)
     assert line.startswith("error: could not reach any initial peer") and "--transport" in line
+
+
+JOIN_WITHOUT_HIVEMIND = """
+import sys
+class Refuse:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "hivemind":
+            raise ImportError(name + " is blocked in this test")
+sys.meta_path.insert(0, Refuse())
+from swarm.join import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_tcp_peers_start_publish_fail_rounds_cleanly_and_leave(peers, capsys):
+    """Two real `swarm.join --transport tcp` peers (hivemind cannot even be imported): they find each other, publish
+    their records, fail each round's all-reduce (not built yet) without crashing, and leave on SIGTERM."""
+    import os
+    import signal
+    import time
+
+    from swarm import status
+
+    program = ["-c", JOIN_WITHOUT_HIVEMIND]
+    peers.start("a", "--transport", "tcp", "--min-peers", "2", "--max-rounds", "3", program=program)
+    addrs = peers.addrs("a")
+    assert addrs[0].startswith("/ip4/127.0.0.1/tcp/") and "/p2p/12D3KooW" in addrs[0]
+    peers.start("b", "--transport", "tcp", "--min-peers", "2", "--max-rounds", "3", initial_peers=addrs, program=program)
+    end = time.monotonic() + 180
+    while time.monotonic() < end and not all("not built yet" in peers.log(n) for n in "ab"):
+        assert all(peers.procs[n].poll() is None for n in "ab"), peers.log("a") + peers.log("b")
+        time.sleep(0.5)
+    assert all("not built yet" in peers.log(n) for n in "ab"), peers.log("a") + peers.log("b")
+    assert status.main(["--transport", "tcp", "--json", "--initial-peers", *addrs]) == 0
+    snap = json.loads(capsys.readouterr().out)
+    assert [r["transport"] for r in snap["runs"]] == ["tcp"]
+    assert len(snap["runs"][0]["peers"]) == 2
+    for n in "ab":
+        os.kill(peers.procs[n].pid, signal.SIGTERM)
+    for n in "ab":
+        assert peers.wait(n, 60) == 0, peers.log(n)
+        log = peers.log(n)
+        assert "Traceback" not in log and "left after round" in log, log
+        assert (peers.base / n / "identity.ed25519").is_file()
