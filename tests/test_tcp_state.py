@@ -114,7 +114,7 @@ def test_dead_server_download_resumes_at_the_same_offset_elsewhere(nodes):
     worker = threading.Thread(target=lambda: got.append(b.download_state(timeout=30)))
     worker.start()
     first = wait_for(lambda: next((s for s in servers if s._state.served), None), 10.0, "a download starting")
-    time.sleep(0.4)  # a few chunks in
+    wait_for(lambda: b._state.received >= 5 * CHUNK, 10.0, "a few chunks in")
     first.shutdown()
     worker.join(35)
     other = servers[1] if first is servers[0] else servers[0]
@@ -131,8 +131,7 @@ def test_different_state_elsewhere_starts_over(nodes):
     got: list = []
     worker = threading.Thread(target=lambda: got.append(b.download_state(timeout=30)))
     worker.start()
-    wait_for(lambda: a._state.served, 10.0, "a download starting")
-    time.sleep(0.3)
+    wait_for(lambda: b._state.received >= 5 * CHUNK, 10.0, "a few chunks in")
     a.shutdown()
     worker.join(35)
     same(got[0], older, c.peer_id)
@@ -241,3 +240,76 @@ def test_bad_declarations_are_lies(changes, why):
     assert st.check_head(snap.head(0), 1 << 24).size == len(snap.blob)
     with pytest.raises(st.Lying, match=why):
         st.check_head(_head(snap, **changes), 1 << 24)
+
+
+# --- a server process killed for real ----------------------------------------------------------
+SERVER = """
+import sys, time
+import numpy as np
+from swarm.transport.tcp.transport import TcpTransport
+rnd, pace = int(sys.argv[1]), float(sys.argv[2])
+t = TcpTransport(host="127.0.0.1")
+t.open_averaging(run="r", vector_size=1 << 20)
+t._state.chunk, t._state.pace = 64 << 10, pace
+rng = np.random.default_rng(0)
+state = ({"names": ["a"]}, [rng.standard_normal(500_000, dtype=np.float32)])
+t.serve_state(lambda: state)
+t.announce_state_round(rnd)
+print(" ".join(t.visible_maddrs()), flush=True)
+time.sleep(120)
+"""
+
+
+def _same_state():
+    rng = np.random.default_rng(0)
+    return {"names": ["a"]}, [rng.standard_normal(500_000, dtype=np.float32)]
+
+
+@pytest.fixture
+def server_process(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    procs = []
+
+    def start(rnd: int, pace: float, env: dict | None = None):
+        p = subprocess.Popen([sys.executable, "-c", SERVER, str(rnd), str(pace)], stdout=subprocess.PIPE, text=True,
+                             env=dict(os.environ, PYTHONPATH=str(root), **(env or {})), cwd=root, start_new_session=True)
+        procs.append(p)
+        return p, p.stdout.readline().split()
+
+    yield start
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+        p.wait(10)
+
+
+def test_server_process_killed_mid_download_resumes_on_one_with_the_same_state(nodes, server_process):
+    proc, addrs = server_process(8, 0.03)     # round 8: asked first
+    c = nodes(_same_state(), round_=7, initial_peers=addrs)  # the same state, announced as an older round
+    b = nodes(initial_peers=addrs)
+    wait_for(lambda: len(b.get(st.state_key("r"))) == 2, 10.0, "both announcements")
+    got: list = []
+    worker = threading.Thread(target=lambda: got.append(b.download_state(timeout=30)))
+    worker.start()
+    wait_for(lambda: b._state.received >= 5 * CHUNK, 10.0, "a few chunks in")  # of 31, 30 ms apart
+    proc.kill()
+    worker.join(35)
+    same(got[0], _same_state(), c.peer_id)
+    assert c._state.served and c._state.served[0][1] > 0, c._state.served
+
+
+def test_chaos_flag_kills_the_server_as_it_serves(nodes, server_process, tmp_path):
+    flag = tmp_path / "die"
+    flag.write_text("")
+    proc, addrs = server_process(8, 0.0, env={"SWARM_CHAOS_DIE_SERVING": str(flag)})
+    c = nodes(_same_state(), round_=7, initial_peers=addrs)
+    b = nodes(initial_peers=addrs)
+    wait_for(lambda: len(b.get(st.state_key("r"))) == 2, 10.0, "both announcements")
+    same(b.download_state(timeout=20), _same_state(), c.peer_id)
+    assert proc.wait(10) == -9 and not flag.exists()  # it took the flag and died serving
+    assert c._state.served == [(b.peer_id, 0)]

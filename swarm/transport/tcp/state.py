@@ -248,6 +248,7 @@ class StateService:
         self.banned: set[str] = set()
         self.pace = 0.0                       # seconds a server waits between chunks (tests: a slow server)
         self.served: list[tuple[str, int]] = []  # (downloader, first chunk) of each download served (tests)
+        self.received = 0                     # verified chunk bytes downloaded, all downloads together
         self._snapshot: Snapshot | None = None
         self._building: asyncio.Lock | None = None
         self._serving = 0
@@ -418,6 +419,7 @@ class StateService:
                 o = i * head.chunk
                 held.buf[o:o + len(data)] = data
                 held.next += 1
+                self.received += len(data)
             end = await ch.recv(timeout())
             if end["t"] != "end":
                 raise Lying("it sent more than the state it declared")
