@@ -59,7 +59,7 @@ LABEL = "swarm-state/1"
 CHUNK = 1 << 20               # bytes per chunk a server sends (a frame holds one, under the 4 MiB frame cap)
 MAX_CHUNK = 2 << 20           # a downloader refuses larger chunks
 META_BYTES = 4 << 20          # a state's metadata, at most (and the slack of the size cap)
-MAX_TENSORS = 4096
+MAX_TENSORS = 1 << 16        # tensors in a state (4 per adapter tensor: a large model's LoRA has thousands)
 DEFAULT_MAX_STATE = 1 << 30   # the size cap until the run's vector size is known (`StateService.open`)
 ANNOUNCE_TTL = 90.0           # seconds a state announcement lives; refreshed every third of it
 CHUNK_TIMEOUT = 10.0          # seconds a downloader waits for the next chunk (or the head) before the next source
@@ -247,7 +247,7 @@ class StateService:
         self.avoid: dict[str, float] = {}     # source -> monotonic time until which it is not asked
         self.banned: set[str] = set()
         self.pace = 0.0                       # seconds a server waits between chunks (tests: a slow server)
-        self.served: list[tuple[str, int]] = []  # (downloader, first chunk) of each download served (tests)
+        self.served: list[tuple[str, int]] = []  # (downloader, first chunk) of the last 100 downloads served
         self.received = 0                     # verified chunk bytes downloaded, all downloads together
         self._snapshot: Snapshot | None = None
         self._building: asyncio.Lock | None = None
@@ -332,6 +332,7 @@ class StateService:
             if want == snap.hash and _int(offset) and 0 <= offset <= len(snap.blob) and offset % snap.chunk == 0:
                 start = offset // snap.chunk  # resumes what another server of this very state began
             self.served.append((ch.peer_id, start))
+            del self.served[:-100]
             await ch.send(snap.head(start))
             for i in range(start, len(snap.digests)):
                 if self.pace:
