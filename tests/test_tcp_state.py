@@ -313,3 +313,51 @@ def test_chaos_flag_kills_the_server_as_it_serves(nodes, server_process, tmp_pat
     same(b.download_state(timeout=20), _same_state(), c.peer_id)
     assert proc.wait(10) == -9 and not flag.exists()  # it took the flag and died serving
     assert c._state.served == [(b.peer_id, 0)]
+
+
+def _fake_server(snap: st.Snapshot, how: str):
+    """A "state" service that breaks the protocol in one way (`how`) after a sound request."""
+    async def serve(ch):
+        await ch.recv(5.0)
+        if how == "no head":
+            await ch.send({"t": "chunk", "i": 0, "d": snap.piece(0)})
+            return
+        if how == "resumes unasked":
+            await ch.send(snap.head(1))
+            return
+        await ch.send(snap.head(0))
+        n = len(snap.digests)
+        order = {"out of order": [1, 0] + list(range(2, n)), "extra chunk": list(range(n)) + [n - 1]}.get(how, range(n))
+        for i in order:
+            data = snap.piece(i)
+            if how == "short chunk" and i == 2:
+                data = data[:-1]
+            await ch.send({"t": "chunk", "i": i, "d": data})
+        if how == "ends early":
+            return
+        await ch.send({"t": "end"})
+    return serve
+
+
+@pytest.mark.parametrize("how", ["no head", "resumes unasked", "out of order", "extra chunk", "short chunk"])
+def test_protocol_breakers_are_refused_and_the_next_server_used(nodes, how):
+    honest = make_state(4, seed=7)
+    good = nodes(honest)
+    liar = nodes(make_state(9, seed=8))  # newer: asked first
+    liar.node.register_service(st.SERVICE, _fake_server(st.build_snapshot(*make_state(9, seed=8), chunk=CHUNK), how))
+    b = nodes()
+    sees(b, good, liar)
+    same(b.download_state(timeout=15), honest, good.peer_id)
+    assert liar.peer_id in b._state.distrusted
+
+
+def test_a_server_ending_early_is_only_avoided_a_while(nodes):
+    honest = make_state(4, seed=7)
+    good = nodes(honest)
+    quitter = nodes(make_state(9, seed=8))
+    quitter.node.register_service(st.SERVICE, _fake_server(st.build_snapshot(*make_state(9, seed=8), chunk=CHUNK),
+                                                           "ends early"))
+    b = nodes()
+    sees(b, good, quitter)
+    same(b.download_state(timeout=15), honest, good.peer_id)
+    assert quitter.peer_id not in b._state.distrusted and quitter.peer_id in b._state.avoid  # gone, not lying

@@ -36,7 +36,6 @@ import asyncio
 import hashlib
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -45,6 +44,7 @@ import msgpack
 import numpy as np
 
 from swarm.transport.base import StateProvider
+from swarm.transport.chaos import die_when_serving
 from swarm.transport.tcp.channel import HANDSHAKE_TIMEOUT, Channel, ChannelError
 
 if TYPE_CHECKING:
@@ -113,21 +113,6 @@ def build_snapshot(meta: Any, arrays: list[np.ndarray], chunk: int = CHUNK) -> S
     digests = [hashlib.sha256(blob[o:o + chunk]).digest() for o in range(0, len(blob), chunk)]
     meta_b = msgpack.packb(meta, use_bin_type=True)
     return Snapshot(meta_b, specs, blob, chunk, digests, state_hash(meta_b, specs, len(blob), chunk, digests))
-
-
-def _die_when_serving(provider: StateProvider, flag: str) -> StateProvider:
-    """Fault injection (SWARM_CHAOS_DIE_SERVING, as in hivemind_dht): the one peer that takes the flag file
-    dies as it serves a state download."""
-    def serve():
-        try:
-            os.unlink(flag)  # one-shot: only one peer of a swarm takes it
-        except OSError:
-            return provider()
-        import signal
-
-        os.kill(os.getpid(), signal.SIGKILL)
-
-    return serve
 
 
 # --- what a downloader checks --------------------------------------------------------------------------
@@ -261,10 +246,7 @@ class StateService:
 
     # --- serving -------------------------------------------------------------------------------
     def serve(self, provider: StateProvider) -> None:
-        flag = os.environ.get("SWARM_CHAOS_DIE_SERVING")
-        if flag:  # fault injection (tests, scripts/bench_kill.py), as hivemind_dht does it
-            provider = _die_when_serving(provider, flag)
-        self.provider = provider
+        self.provider = die_when_serving(provider)  # fault injection (swarm.transport.chaos), as with hivemind
         self._snapshot = None
 
     def announce(self, round_: int) -> None:
