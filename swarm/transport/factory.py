@@ -29,10 +29,10 @@ SAME = "every peer of a swarm uses the same --transport"
 
 def address_mismatch(kind: str, addr: str) -> str | None:
     """Why `addr` cannot be a peer of a `kind` swarm (one line naming --transport), or None if it may be."""
-    from swarm.transport.tcp.addresses import parse  # no hivemind import: the tcp transport's own parser
-
     if kind != "tcp":
         return None  # hivemind's p2pd takes any libp2p address; a tcp peer's fails its handshake (`make_transport`)
+    from swarm.transport.tcp.addresses import parse  # the tcp transport's own parser (no hivemind import)
+
     try:
         parse(addr)
     except ValueError as e:
