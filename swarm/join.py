@@ -18,6 +18,7 @@ import threading
 from swarm import SwarmError
 from swarm.cli import Parser
 from swarm.settings import PeerSettings
+from swarm.transport.factory import TRANSPORTS, address_mismatch
 
 DEFAULT_OUTPUT = "swarm-output"
 
@@ -52,6 +53,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "one this peer can run")
     p.add_argument("--swarm-key", default=None, metavar="FILE",
                    help="private swarm: only peers with this key (python -m swarm.key FILE makes one) are members")
+    p.add_argument("--transport", choices=TRANSPORTS, default="hivemind",
+                   help="network transport, the same on every peer of a swarm: hivemind (libp2p: relays, NAT traversal; "
+                        "the default) or tcp (direct TLS over TCP, no libp2p daemon; peers must be reachable)")
     p.add_argument("--uniform", action="store_true", help="equal token quotas for all peers instead of speed-negotiated ones (baseline)")
     args = p.parse_args(argv)
     if not 0 < args.max_utilization <= 1:
@@ -69,6 +73,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if why:
             p.error(f"--initial-peers {addr!r} is not a peer address ({why}): pass what the first peer printed, "
                     "like /ip4/192.168.1.5/tcp/31337/p2p/12D3KooW...")
+        why = address_mismatch(args.transport, addr)
+        if why:
+            p.error(why)
     for addr in args.announce or ():
         why = check_multiaddr(addr, peer=False)
         if why:

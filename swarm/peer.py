@@ -31,6 +31,7 @@ from swarm.runs import resolve_run
 from swarm.settings import PeerSettings
 from swarm.sync import POLL, StateSync
 from swarm.transport.base import ABANDONED
+from swarm.transport.factory import SAME
 
 ADVERT_PERIOD = 5.0
 SILENT = 3 * ADVERT_PERIOD  # a peer whose advert did not change for this long (by our own clock) stopped
@@ -111,13 +112,11 @@ class Peer(StateSync):
     # ------------------------------------------------------------------------------ connect
     def connect(self) -> None:
         from swarm.membership import Membership
-        from swarm.transport.hivemind_dht import HivemindTransport
+        from swarm.transport.factory import make_transport
 
         a = self.settings
-        self.transport = HivemindTransport(host=a.host, port=a.port, initial_peers=list(a.initial_peers) or None,
-                                           announce=list(a.announce) or None,
-                                           identity=self.out / "identity.key", log_file=self.out / "network.log",
-                                           swarm_key=self.swarm_key)
+        self.transport = make_transport(a.transport, host=a.host, port=a.port, initial_peers=a.initial_peers,
+                                        announce=a.announce, output=self.out, swarm_key=self.swarm_key)
         route_swarm_logs(self.out / "network.log")
         self.me = self.transport.peer_id
         self.log = Reporter(self.me)
@@ -218,12 +217,15 @@ class Peer(StateSync):
                                         base_sha256=self.base_sha256, model=self._model_label(),
                                         params=int(sum(np.prod(s) for s in self._base_shapes())),
                                         config=record_config(self.run), model_config_json=self.model_config_json,
-                                        created=self.transport.now())
+                                        created=self.transport.now(), transport=self.settings.transport)
             self.members.publish_run(self.run_record)
             return
         if rec.protocol != PROTOCOL_VERSION:
             raise SwarmError(f"run {rec.name!r} speaks swarm protocol {rec.protocol}, this peer speaks {PROTOCOL_VERSION}: "
                              "install the same swarm version as the other peers")
+        if rec.transport != self.settings.transport:  # (a peer of the other transport rarely gets this far)
+            raise SwarmError(f"run {rec.name!r} runs over --transport {rec.transport}, this peer over --transport "
+                             f"{self.settings.transport}: {SAME}")
         if rec.base_sha256 != self.base_sha256:
             raise SwarmError(f"base model differs from the swarm's: run {rec.name!r} uses base {rec.base_sha256[:12]}, "
                              f"this peer has {self.base_sha256[:12]} ({self.model_dir})")

@@ -127,6 +127,8 @@ class RunRecord(_Wire):
     config: dict = Field(description="the run config (JSON), so a joiner without the YAML can rebuild it")
     model_config_json: dict = Field(default_factory=dict, description="the base model's config.json (its shape, for memory estimates)")
     created: float = Field(ge=0.0)
+    transport: str = Field("hivemind", min_length=1, max_length=16,
+                           description="the swarm's --transport (records of older peers, which lack it: hivemind)")
 
 
 class ProgressRecord(_Wire):

@@ -30,6 +30,7 @@ class PeerSettings:
     swarm_key: Path | None = None             # private swarm key file
     uniform: bool = False                     # equal quotas instead of speed-negotiated ones (baseline)
     precision: str = "auto"                   # precision of the frozen base: auto | fp32 | bf16 | fp16 | nf4
+    transport: str = "hivemind"               # hivemind | tcp (swarm.transport.factory); a swarm runs one
 
     @property
     def framework(self) -> str | None:
@@ -45,4 +46,5 @@ class PeerSettings:
                    config=path(args.config), data=path(args.data), run=args.run, max_rounds=args.max_rounds,
                    seed=args.seed, backend=args.backend, threads=args.threads, memory_limit=args.memory_limit,
                    max_utilization=args.max_utilization, min_peers=args.min_peers, background=args.background,
-                   swarm_key=path(args.swarm_key), uniform=args.uniform, precision=args.precision)
+                   swarm_key=path(args.swarm_key), uniform=args.uniform, precision=args.precision,
+                   transport=getattr(args, "transport", "hivemind"))

@@ -2,7 +2,7 @@
 
 Reads the runs, capability adverts and progress records from the DHT (all validated), and shows
 per run the plan every peer derives for its next round. `--json` prints the same, stable for scripts:
-  {"time": float, "runs": [{"name", "model", "params", "base_sha256", "fingerprint", "round",
+  {"time": float, "runs": [{"name", "model", "params", "base_sha256", "fingerprint", "transport", "round",
     "plan": RoundPlan.to_dict(), "peers": [{"peer_id", "tier", "backend", "device", "memory_usable_bytes",
     "memory_total_bytes", "tokens_per_s", "max_utilization", "max_micro_batch", "micro_batch", "quota_tokens",
     "round", "last_seen_s", "state", "loss", "precision", "excluded", "why"}]}]}
@@ -22,6 +22,7 @@ import time
 
 from swarm.cli import Parser
 from swarm import SwarmError
+from swarm.transport.factory import TRANSPORTS, address_mismatch, make_transport
 
 
 #: The planner's reasons that say a peer cannot take part as it is (not that it is pausing, loading or starting later).
@@ -70,7 +71,7 @@ def collect(members, now: float) -> dict:
         shown = {a.peer_id for a in adverts}
         peers += [_banned_only(peer, why) for peer, why in sorted(banned.items()) if peer not in shown]
         runs.append({"name": name, "model": rec.model, "params": rec.params, "base_sha256": rec.base_sha256,
-                     "fingerprint": rec.fingerprint, "round": current, "plan": plan_dict, "peers": peers})
+                     "fingerprint": rec.fingerprint, "transport": rec.transport, "round": current, "plan": plan_dict, "peers": peers})
     return {"time": now, "runs": runs}
 
 
@@ -143,6 +144,8 @@ def main(argv=None) -> int:
     ap.add_argument("--initial-peers", nargs="+", required=True, metavar="MULTIADDR", help="any live peer's multiaddr")
     ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
     ap.add_argument("--swarm-key", default=None, metavar="FILE", help="the key of a private swarm (to read its records)")
+    ap.add_argument("--transport", choices=TRANSPORTS, default="hivemind",
+                    help="the swarm's transport: hivemind (the default) or tcp (what its peers pass to swarm.join)")
     ap.add_argument("--wait", type=float, default=1.0, help="seconds to let the DHT connect before reading (default 1)")
     ap.add_argument("--serve", action="store_true", help="serve a live dashboard in the browser until Ctrl-C")
     ap.add_argument("--listen", default="127.0.0.1", metavar="ADDR",
@@ -155,6 +158,8 @@ def main(argv=None) -> int:
     for addr in args.initial_peers:
         if check_multiaddr(addr):
             ap.error(f"--initial-peers {addr!r} is not a peer address ({check_multiaddr(addr)})")
+        if address_mismatch(args.transport, addr):
+            ap.error(address_mismatch(args.transport, addr))
     if args.serve and args.json:
         ap.error("--serve and --json do not go together (the dashboard serves the JSON at /api/swarm)")
     settings = None
@@ -167,13 +172,12 @@ def main(argv=None) -> int:
             ap.error(str(e))
     transport = None
     try:
-        from swarm.membership import Membership
-        from swarm.transport.hivemind_dht import HivemindTransport
-
         from swarm.key import load as load_swarm_key
+        from swarm.membership import Membership
 
         key = load_swarm_key(args.swarm_key) if args.swarm_key else None
-        transport = HivemindTransport(host="127.0.0.1", initial_peers=args.initial_peers, client_mode=True, swarm_key=key)
+        transport = make_transport(args.transport, host="127.0.0.1", initial_peers=args.initial_peers, swarm_key=key,
+                                   client=True)
         time.sleep(max(0.0, args.wait))
         members = Membership(transport)
         if settings is not None:

@@ -21,6 +21,7 @@ from swarm.cli import Parser
 from swarm import SwarmError
 from swarm.links import LinkEmulator, parse_links
 from swarm.metrics import read_metrics
+from swarm.transport.factory import TRANSPORTS
 
 START_TIMEOUT = 120.0
 
@@ -56,6 +57,8 @@ def parse_args(argv):
     p.add_argument("--link", default=None, metavar="UP/DOWN/RTT[,...]",
                    help="emulated line per peer, e.g. 20mbit/100mbit/40ms (one for all peers, or a comma list, one per peer)")
     p.add_argument("--uniform", action="store_true", help="equal task sizes for every peer (baseline for benchmarks)")
+    p.add_argument("--transport", choices=TRANSPORTS, default="hivemind",
+                   help="every peer's network transport: hivemind (libp2p, the default) or tcp (swarm.join --transport)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=None, help="stop everything after this many seconds (default: generous)")
     args = p.parse_args(argv)
@@ -105,6 +108,8 @@ class Testbed:
         cmd = [sys.executable, "-m", "swarm.join", "--host", "127.0.0.1", "--output", str(self.out / f"peer{k}"),
                "--max-rounds", str(a.max_rounds), "--min-peers", str(a.peers), "--threads", str(self.threads),
                "--seed", str(a.seed), "--swarm-key", str(self.key_file)]
+        if getattr(a, "transport", "hivemind") != "hivemind":
+            cmd += ["--transport", a.transport]
         if a.config:
             cmd += ["--config", a.config]
         if initial_peers:

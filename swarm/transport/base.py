@@ -1,7 +1,8 @@
 """The transport interface: membership records, averaging, and state download.
 
-Implementations: `hivemind_dht.HivemindTransport` (libp2p via hivemind). A libp2p-free TCP
-transport and an in-memory one for unit tests can sit beside it: the training loop sees only this.
+Implementations: `hivemind_dht.HivemindTransport` (libp2p via hivemind) and `tcp.transport.TcpTransport`
+(libp2p-free; averaging still to come); `factory.make_transport` builds the one `--transport` names. An
+in-memory one for unit tests can sit beside them: the training loop sees only this.
 """
 
 from __future__ import annotations

@@ -31,6 +31,7 @@ from hivemind.utils.timed_storage import ValueWithExpiration
 from swarm import SwarmError
 from swarm.key import SwarmKey
 from swarm.transport.base import ABANDONED, Record, ReduceResult, StateProvider, TransportError
+from swarm.transport.chaos import die_when_serving
 from swarm.transport.hivemind_averager import (MAX_MESSAGE_BYTES, SwarmAverager, _proof_parts, member_proof, owner_of,
                                                signed_owner)
 
@@ -116,19 +117,6 @@ class SwarmKeyValidator(RecordValidatorBase):
     @property
     def priority(self) -> int:
         return 100  # signs last (over the RSA signature), validates first
-
-
-def _die_when_serving(provider: StateProvider, flag: str) -> StateProvider:
-    def serve():
-        try:
-            os.unlink(flag)  # one-shot: only one peer of a swarm takes it
-        except OSError:
-            return provider()
-        import signal
-
-        os.kill(os.getpid(), signal.SIGKILL)
-
-    return serve
 
 
 class HivemindTransport:
@@ -327,9 +315,8 @@ class HivemindTransport:
 
     # --- state -----------------------------------------------------------------------------
     def serve_state(self, provider: StateProvider) -> None:
-        flag = os.environ.get("SWARM_CHAOS_DIE_SERVING")
-        if flag:  # fault injection (tests, scripts/bench_kill.py): the one peer that takes the flag file dies
-            provider = _die_when_serving(provider, flag)  # (its main process only) as it serves a state download
+        # fault injection (swarm.transport.chaos): the one peer that takes the flag file dies (its main process
+        provider = die_when_serving(provider)  # only) as it serves a state download
         self._averager.state_provider = provider
 
     def announce_state_round(self, round_: int) -> None:

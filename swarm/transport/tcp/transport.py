@@ -1,0 +1,122 @@
+"""`TcpTransport`: the `Transport` protocol (swarm/transport/base.py) over the TCP gossip node.
+
+Built so far: membership records (`put`/`get`), identity, addresses, state download (`state`) and
+shutdown. Averaging fails every attempt with a TransportError until the next phase builds it.
+
+Values are msgpack-encoded, as with hivemind (tuples come back as lists); `get` returns one
+validated `Record` per owner. Time is this machine's clock (`now`): records carry absolute
+expirations, so peers' clocks must roughly agree (records further ahead than
+`Limits.max_ttl` are refused).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import msgpack
+
+from swarm import SwarmError
+from swarm.key import SwarmKey
+from swarm.transport.base import Record, StateProvider, TransportError
+from swarm.transport.tcp.channel import ChannelError
+from swarm.transport.tcp.identity import load_or_create
+from swarm.transport.tcp.node import TcpNode
+from swarm.transport.tcp.records import STALE, Limits
+from swarm.transport.tcp.state import StateService
+
+__all__ = ["TcpTransport"]
+
+log = logging.getLogger("swarm.transport.tcp")
+
+IDENTITY_FILE = "identity.ed25519"  # in --output, beside hivemind's identity.key (another key type)
+
+
+class TcpTransport:
+    """Records over the TCP transport. `identity`: the key file (None: a new id every run)."""
+
+    def __init__(self, *, host: str = "0.0.0.0", port: int = 0, initial_peers: list[str] | None = None,
+                 identity: Path | None = None, swarm_key: SwarmKey | None = None,
+                 announce: list[str] | None = None, limits: Limits = Limits(), **node_options: Any) -> None:
+        try:
+            me = load_or_create(identity)
+        except (ValueError, OSError) as e:
+            raise SwarmError(str(e)) from None
+        self.swarm_key = swarm_key
+        try:
+            self.node = TcpNode(me, host=host, port=port, initial_peers=initial_peers, swarm_key=swarm_key,
+                                announce=announce, limits=limits, clock=self.now, **node_options)
+        except ValueError as e:  # a bad address in --initial-peers or --announce
+            raise SwarmError(str(e)) from None
+        except ChannelError as e:
+            raise SwarmError(str(e)) from None
+        except OSError as e:
+            if getattr(e, "errno", None) in (48, 98, 10048):  # EADDRINUSE on macOS, Linux, Windows
+                raise SwarmError(f"port {port} on {host} is already in use: pick another --port or leave it out") from None
+            raise SwarmError(f"could not listen on {host}:{port}: {e.strerror or e}") from None
+        self.peer_id = me.peer_id
+        self._state = StateService(self.node, self.get)
+
+    # --- records ---------------------------------------------------------------------------
+    def visible_maddrs(self) -> list[str]:
+        return self.node.visible_maddrs()
+
+    def now(self) -> float:
+        return time.time()
+
+    def put(self, key: str, value: Any, ttl: float) -> bool:
+        """Store this peer's value under `key` and spread it; False if refused (too big, or not newer)."""
+        data = msgpack.packb(value, use_bin_type=True)
+        why = self.node.put_why(key, data, self.now() + ttl)
+        if why not in (None, STALE):
+            log.warning("record under %s not stored: %s", key, why)
+        return why is None
+
+    def get(self, key: str) -> list[Record]:
+        out = []
+        for rec in self.node.get(key):
+            try:
+                value = msgpack.unpackb(rec.value, raw=False, strict_map_key=False)
+            except Exception:  # the store checked it decodes: not reached
+                continue
+            out.append(Record(owner=rec.owner, value=value, expiration=rec.expiration))
+        return out
+
+    def peers(self) -> list[str]:
+        """Peer ids connected right now (not in the protocol; for status and tests)."""
+        return self.node.peers()
+
+    def shutdown(self) -> None:
+        self.node.shutdown()
+
+    # --- not built yet (later phases of issue 14) ----------------------------------------------
+    def open_averaging(self, *, run: str, vector_size: int, **options: Any) -> None:
+        self._state.open(run, vector_size)  # state announcements of this run, and the state's size cap
+
+    def all_reduce(self, *args: Any, **kwargs: Any):
+        raise NotBuilt("all-reduce failed: the tcp transport's all-reduce is not built yet")
+
+    def reducing(self) -> bool:
+        return False
+
+    def ban(self, peer_ids: set[str]) -> None:
+        self._state.banned = set(peer_ids)  # never a state source either (as with hivemind)
+
+    # --- state (`state.StateService`) -------------------------------------------------------
+    def serve_state(self, provider: StateProvider) -> None:
+        self._state.serve(provider)
+
+    def announce_state_round(self, round_: int) -> None:
+        self._state.announce(round_)
+
+    def download_state(self, timeout: float, min_round: int = 0, skip: set[str] = frozenset()):
+        return self._state.download(timeout, min_round=min_round, skip=skip)
+
+    def distrust(self, source: str) -> None:
+        self._state.distrust(source)
+
+
+class NotBuilt(TransportError, NotImplementedError):
+    """A part of the transport that a later phase builds: the round loop sees a failed attempt, not a crash."""
