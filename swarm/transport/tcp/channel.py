@@ -11,7 +11,8 @@ one only with chain validation on), so the dialer proves its id inside the encry
     listener -> dialer   {"t": "hello", "v": 1, "id": listener id, "n": 32 random bytes}
     dialer   -> listener {"t": "auth",  "v": 1, "id": dialer id, "n": 32 random bytes,
                           "s": Ed25519 signature of AUTH | listener id | dialer id | both nonces,
-                          "m": swarm-key HMAC (role "dialer"), private swarms only}
+                          "m": swarm-key HMAC (role "dialer"), private swarms only,
+                          "p": the service this connection is for (e.g. "state"); absent: gossip}
     listener -> dialer   {"t": "ok", "m": swarm-key HMAC (role "listener"), private swarms only}
 
 The signature names the listener the dialer verified and the listener's fresh nonce, so it cannot be
@@ -56,6 +57,7 @@ HANDSHAKE_FRAME = 64 << 10   # handshake messages are small: the cap until the p
 LABEL = b"swarm-tcp/1"
 AUTH = LABEL + b"|auth"
 NONCE_BYTES = 32
+MAX_SERVICE_CHARS = 32       # a service name (auth "p")
 VERSION = 1
 
 
@@ -122,6 +124,7 @@ class Channel:
         self.body_timeout = BODY_TIMEOUT
         self._send_lock = asyncio.Lock()
         self.closed = False
+        self.service: str | None = None  # what the dialer opened it for (`dial(service=...)`); None: gossip
 
     async def recv(self, idle_timeout: float | None = None) -> dict:
         """The next message; ChannelError if none starts within `idle_timeout` seconds (None: no limit)."""
@@ -191,17 +194,18 @@ def _field(msg: dict, name: str, kind: type, size: int | None = None) -> Any:
 
 async def dial(host: str, port: int, expected: str | None, identity: Identity, tls: TlsContexts,
                swarm_key: SwarmKey | None = None, timeout: float = HANDSHAKE_TIMEOUT,
-               max_frame: int = MAX_FRAME) -> Channel:
-    """Connect to `host:port` and check that the peer there is `expected` (None: whoever it is)."""
+               max_frame: int = MAX_FRAME, service: str | None = None) -> Channel:
+    """Connect to `host:port` and check that the peer there is `expected` (None: whoever it is).
+    `service`: a connection for one service of the listener (`TcpNode.register_service`), not gossip."""
     try:
-        return await asyncio.wait_for(_dial(host, port, expected, identity, tls, swarm_key, max_frame), timeout)
+        return await asyncio.wait_for(_dial(host, port, expected, identity, tls, swarm_key, max_frame, service), timeout)
     except asyncio.TimeoutError:
         raise ChannelError(f"no handshake with {host}:{port} within {timeout:g}s") from None
     except (OSError, ssl.SSLError) as e:
         raise ChannelError(f"cannot connect to {host}:{port}: {e.strerror or type(e).__name__}") from None
 
 
-async def _dial(host, port, expected, identity, tls, swarm_key, max_frame) -> Channel:
+async def _dial(host, port, expected, identity, tls, swarm_key, max_frame, service=None) -> Channel:
     reader, writer = await asyncio.open_connection(host, port, ssl=tls.client, server_hostname=host)
     ch = Channel(reader, writer, "", dialer=True, max_frame=min(max_frame, HANDSHAKE_FRAME))
     try:
@@ -217,6 +221,8 @@ async def _dial(host, port, expected, identity, tls, swarm_key, max_frame) -> Ch
                 "s": identity.sign(b"|".join([AUTH, listener.encode(), me.encode(), n1, n2]))}
         if swarm_key is not None:
             auth["m"] = swarm_key.mac(*_proof(b"dialer", listener, me, n1, n2))
+        if service is not None:
+            auth["p"] = service
         await ch.send(auth)
         try:
             ok = await ch.recv()
@@ -227,7 +233,7 @@ async def _dial(host, port, expected, identity, tls, swarm_key, max_frame) -> Ch
             raise ChannelError(f"peer {listener} sent no valid handshake reply")
         if swarm_key is not None and not swarm_key.check(ok.get("m"), *_proof(b"listener", listener, me, n1, n2)):
             raise ChannelError(f"peer {listener} is not in this private swarm (its swarm-key proof is wrong or missing)")
-        ch.peer_id, ch.max_frame = listener, max_frame
+        ch.peer_id, ch.max_frame, ch.service = listener, max_frame, service
         return ch
     except BaseException:
         ch.close()
@@ -265,6 +271,9 @@ async def _accept(ch: Channel, identity: Identity, swarm_key: SwarmKey | None, m
         if not swarm_key.check(auth.get("m"), *_proof(b"dialer", me, dialer, n1, n2)):
             raise ChannelError(f"peer {dialer} is not in this private swarm (wrong or missing swarm-key proof)")
         ok["m"] = swarm_key.mac(*_proof(b"listener", me, dialer, n1, n2))
+    service = auth.get("p")
+    if service is not None and not (isinstance(service, str) and 0 < len(service) <= MAX_SERVICE_CHARS):
+        raise ChannelError("the dialer named a malformed service")
     await ch.send(ok)
-    ch.peer_id, ch.max_frame = dialer, max_frame
+    ch.peer_id, ch.max_frame, ch.service = dialer, max_frame, service
     return ch

@@ -22,6 +22,11 @@ Messages (channel frames, msgpack maps): {"t": "rec", "r": [record, ...]} (`Sign
 at most `peer.MAX_BATCH` per frame) and {"t": "ping"} (keepalive). Unknown types are ignored (newer peers may send more); a malformed
 known one, a record with a bad signature or a broken frame disconnects its sender.
 
+Services: a connection whose dialer named a service in the handshake (`channel.dial(service=...)`)
+is not gossip: it goes to the handler `register_service` gave for that name (state download, for
+one), which owns it until it returns; an unknown service is closed. `open_service` dials a peer (at
+the addresses its signed address record lists) for one.
+
 Threading (STYLE habit 4): the event loop runs on its own thread (`loop.LoopThread`: uvloop where it
 imports, asyncio's loop elsewhere, e.g. Windows); callers get plain synchronous calls.
 """
@@ -33,7 +38,7 @@ import logging
 import random
 import socket
 import time
-from typing import Any, Callable, Coroutine
+from typing import Any, Awaitable, Callable, Coroutine
 
 import msgpack
 
@@ -94,6 +99,7 @@ class TcpNode:
         self._tasks: set[asyncio.Task] = set()
         self._stopping = False
         self.disconnects: dict[str, int] = {}       # why peers were dropped -> count
+        self._services: dict[str, Callable[[Channel], Awaitable[None]]] = {}
         self._runner = LoopThread(f"tcp-node-{self.peer_id[-6:]}")
         try:
             self._call(self._start(host, port), startup_timeout)
@@ -119,6 +125,46 @@ class TcpNode:
 
     def visible_maddrs(self) -> list[str]:
         return list(self._addrs)
+
+    def call(self, coro: Coroutine, timeout: float = 30.0) -> Any:
+        """Run `coro` on the node's loop from another thread; its result (or its exception)."""
+        return self._call(coro, timeout)
+
+    def spawn(self, coro: Coroutine) -> None:
+        """(On the node's loop) run `coro` in the background until it ends or the node shuts down."""
+        self._spawn(coro)
+
+    async def publish(self, key: str, value: bytes, expiration: float) -> str | None:
+        """(On the node's loop) `put_why` for code already running there."""
+        return self._accept(sign(self.identity, key, value, expiration), None)
+
+    def register_service(self, name: str, handler: Callable[[Channel], Awaitable[None]]) -> None:
+        """Hand inbound connections opened for `name` to `handler` (a coroutine run on the node's loop; the
+        connection is closed when it returns). Replaces an earlier handler of that name."""
+        self._services[name] = handler
+
+    async def open_service(self, peer_id: str, name: str, timeout: float = HANDSHAKE_TIMEOUT) -> Channel:
+        """(On the node's loop) a new connection to `peer_id` for service `name`, dialed at the addresses of its
+        signed address record; ChannelError if it has none or none answers within `timeout` seconds each."""
+        rec = self.store.latest(ADDR_KEY, peer_id)
+        try:
+            listed = msgpack.unpackb(rec.value, raw=False) if rec is not None else []
+        except Exception:
+            listed = []
+        errors = []
+        for text in listed[:MAX_ADDRS] if isinstance(listed, list) else []:
+            try:
+                addr = addresses.parse(text)
+            except ValueError:
+                continue
+            if addr.peer_id != peer_id:
+                continue
+            try:
+                return await dial(addr.host, addr.port, peer_id, self.identity, self._tls, self.swarm_key,
+                                  timeout=timeout, max_frame=self.max_frame, service=name)
+            except ChannelError as e:
+                errors.append(str(e))
+        raise ChannelError(f"cannot reach peer {peer_id}" + (f": {errors[-1]}" if errors else " (no address known)"))
 
     def shutdown(self) -> None:
         self._runner.stop(self._stop())
@@ -204,7 +250,12 @@ class TcpNode:
         self._connections += 1
         try:
             ch = await accept(reader, writer, self.identity, self.swarm_key, max_frame=self.max_frame)
-            await self._serve(ch)
+            if ch.service is None:
+                await self._serve(ch)
+            elif ch.service in self._services:
+                await self._services[ch.service](ch)
+            else:
+                log.info("closed a connection from %s for an unknown service %r", ch.peer_id, ch.service)
         except ChannelError as e:
             log.info("inbound connection closed: %s", e)
         except asyncio.CancelledError:  # shutdown: end quietly (asyncio's streams would log a cancelled callback)
