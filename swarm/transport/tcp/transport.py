@@ -14,14 +14,16 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import msgpack
+import numpy as np
 
 from swarm import SwarmError
 from swarm.key import SwarmKey
-from swarm.transport.base import Record
+from swarm.transport.base import Record, ReduceResult
 from swarm.transport.tcp.channel import ChannelError
+from swarm.transport.tcp.group import Averager
 from swarm.transport.tcp.identity import load_or_create
 from swarm.transport.tcp.node import TcpNode
 from swarm.transport.tcp.records import STALE, Limits
@@ -56,6 +58,7 @@ class TcpTransport:
                 raise SwarmError(f"port {port} on {host} is already in use: pick another --port or leave it out") from None
             raise SwarmError(f"could not listen on {host}:{port}: {e.strerror or e}") from None
         self.peer_id = me.peer_id
+        self._averager = Averager(self.node, me, swarm_key, clock=self.now)
 
     # --- records ---------------------------------------------------------------------------
     def visible_maddrs(self) -> list[str]:
@@ -89,16 +92,27 @@ class TcpTransport:
     def shutdown(self) -> None:
         self.node.shutdown()
 
-    # --- not built yet (later phases of issue 14) ----------------------------------------------
-    def all_reduce(self, *args: Any, **kwargs: Any):
-        raise NotImplementedError("the tcp transport's all-reduce is not built yet")
+    # --- averaging (swarm/transport/tcp/group.py, allreduce.py) ------------------------------------
+    def open_averaging(self, *, run: str, vector_size: int, matchmaking_time: float, allreduce_timeout: float,
+                       clip_norm: float = 1.0, max_norm_ratio: float | None = None, chunk_timeout: float = 5.0) -> None:
+        """The reducers' checks (clip bound, norm ratio), the vector length and the stall limit of every all-reduce."""
+        self._averager.configure(vector_size=vector_size, clip_norm=clip_norm, max_norm_ratio=max_norm_ratio,
+                                 chunk_timeout=chunk_timeout)
+
+    def all_reduce(self, vector: np.ndarray, *, group_key: str, group_size: int, gather: Any, timeout: float,
+                   wait_until: float | None = None, abandon: Callable[[], str | None] | None = None,
+                   allowed: set[str] | None = None) -> ReduceResult:
+        return self._averager.all_reduce(vector, group_key=group_key, group_size=group_size, gather=gather,
+                                         timeout=timeout, wait_until=wait_until, abandon=abandon, allowed=allowed)
 
     def reducing(self) -> bool:
-        return False
+        return self._averager.reducing()
 
     def ban(self, peer_ids: set[str]) -> None:
-        raise NotImplementedError("the tcp transport's ban is not built yet (it comes with all-reduce)")
+        """Refuse to average with these peers (as leader, follower or fellow member) until the next call."""
+        self._averager.banned = frozenset(peer_ids)
 
+    # --- not built yet (later phases of issue 14) ----------------------------------------------
     def serve_state(self, provider: Any) -> None:
         raise NotImplementedError("the tcp transport's state download is not built yet")
 
