@@ -374,7 +374,7 @@ def test_live_node_survives_garbage_and_still_serves(nodes):
 def test_unbuilt_methods_say_so(nodes):
     a = nodes()
     with pytest.raises(NotImplementedError, match="not built yet"):
-        a.all_reduce(None, group_key="g", group_size=2, gather={}, timeout=1.0)
+        a.download_state(timeout=1.0)
     assert a.reducing() is False
 
 

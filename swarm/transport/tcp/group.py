@@ -174,6 +174,8 @@ class Averager:
                    allowed: set[str] | None = None) -> ReduceResult:
         start = time.perf_counter()
         vec = np.array(vector, dtype=np.float64).reshape(-1)  # a copy: the caller may reuse its array
+        if vector is None or not len(vec):
+            raise TransportError("all-reduce failed: nothing to average (an empty vector)")
         if self.vector_size is not None and len(vec) != self.vector_size:
             raise TransportError(f"all-reduce failed: a vector of {len(vec)} values, averaging was opened for {self.vector_size}")
         now = self.clock()
@@ -199,6 +201,10 @@ class Averager:
                     continue
                 why = abandon()
                 if why and self.node.call(self._cancel(a)):
+                    try:
+                        future.result(timeout=5.0)  # its cleanup (connections closed, "off" announced)
+                    except BaseException:
+                        pass
                     raise TransportError(ABANDONED + why)
         except TransportError:
             raise
@@ -226,8 +232,13 @@ class Averager:
     async def _run(self, a: Attempt) -> tuple[np.ndarray, dict[str, str]]:
         a.task = asyncio.current_task()
         old = self.attempt
-        if old is not None and not old.over and old.task is not None:
+        if old is not None and not old.over and old.task is not None:  # an abandoned attempt still ending
             old.task.cancel()
+        if old is not None:
+            try:  # its "off" announcement must not follow this attempt's "on"
+                await asyncio.wait_for(old.finished.wait(), 10.0)
+            except asyncio.TimeoutError:
+                pass
         self.attempt = a
         try:
             await self._announce(a, True)
@@ -251,7 +262,6 @@ class Averager:
                     j.watch.cancel()
             for ch in a.channels:
                 ch.close()
-            a.finished.set()
             for fut in a.mesh.values():
                 if not fut.done():
                     fut.cancel()
@@ -259,6 +269,7 @@ class Averager:
                 await self._announce(a, False)
             except Exception:
                 pass
+            a.finished.set()
 
     async def _announce(self, a: Attempt, on: bool) -> None:
         key = announce_key(a.key)
