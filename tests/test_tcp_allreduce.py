@@ -132,6 +132,15 @@ def test_members_get_bit_identical_exact_averages(swarm, n):
     assert sizes[-1] - sizes[0] <= 1
 
 
+def test_private_swarm_averages(swarm):
+    from swarm.key import SwarmKey
+
+    ts = swarm(2, swarm_key=SwarmKey(b"s" * 32))
+    open_all(ts)
+    vectors, gathers = zip(*(contribution(np.random.default_rng(13)) for _ in ts))
+    assert_exact(reduce_all(ts, vectors, gathers, wait_until=ts[0].now() + 5), ts, vectors, gathers)
+
+
 def test_big_vector_in_many_chunks(swarm, monkeypatch):
     monkeypatch.setattr(allreduce_module, "CHUNK_VALUES", 1000)  # every member is in this process: all agree
     ts = swarm(3)

@@ -4,5 +4,7 @@ Never imports hivemind, directly or through other swarm modules (tests check thi
 where `import hivemind` fails). Modules, bottom up: `identity` (key file, peer ids), `addresses`
 (multiaddrs: the only importer of py-multiaddr), `channel` (authenticated, encrypted, framed
 connections), `records` (signed records and the capped store), `loop` (the event loop thread),
-`peer` (one connection's queue and messages), `node` (the gossip node), `transport` (`TcpTransport`).
+`peer` (one connection's queue and messages), `node` (the gossip node), `allreduce` (the exact
+butterfly exchange of one group), `group` (matchmaking, signed gathers, the all-reduce's driver),
+`transport` (`TcpTransport`).
 """
