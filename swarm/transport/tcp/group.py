@@ -67,6 +67,7 @@ POLL = 0.05             # seconds between a leader's looks at its joiners and th
 RETRY = 0.2             # seconds before looking for a leader again after a "retry" refusal
 FIRST_MESSAGE = 10.0    # seconds for a service connection's first message
 MAX_GROUP = 256
+READ_BUFFER = 2 << 20   # bytes a group connection's reader buffers before pausing the socket (about)
 
 
 def announce_key(group_key: str) -> str:
@@ -246,6 +247,11 @@ class Averager:
             g = a.group
             for ch in channels.values():
                 ch.max_frame = min(ch.max_frame, frame_cap())
+                reader = getattr(ch, "reader", None)
+                if reader is not None and getattr(reader, "_limit", 0) < READ_BUFFER:
+                    # asyncio's StreamReader pauses the socket at 2 x its limit (64 KiB by default): a 1 MiB part
+                    # would stop and restart reading several times; the frame cap still bounds what is buffered
+                    reader._limit = READ_BUFFER
             expects = expectations([x if isinstance(x, dict) else {} for x in g.gathers], self.clip_norm, self.max_norm_ratio)
             exchange = Exchange(a.vector, g.members, self.me, channels, expects, a.meter, self.chunk_timeout, a.timeout)
             try:
