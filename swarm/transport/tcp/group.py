@@ -367,6 +367,7 @@ class Averager:
             while True:
                 for pid, j in list(a.joiners.items()):
                     if j.watch.done():
+                        _settle(j.watch)
                         j.ch.close()
                         del a.joiners[pid]
                         log.info("%s left the group it was joining", pid)
@@ -409,6 +410,7 @@ class Averager:
         await asyncio.gather(*watches, return_exceptions=True)
         for pid, j in list(a.joiners.items()):  # a joiner that spoke or left just now is not in the group
             if not j.watch.cancelled():
+                _settle(j.watch)
                 j.ch.close()
                 del a.joiners[pid]
         others = sorted(a.joiners)[:a.size - 1]
@@ -561,6 +563,12 @@ class Averager:
         a.channels.append(ch)
         fut.set_result(ch)
         await a.finished.wait()
+
+
+def _settle(task: asyncio.Future) -> None:
+    """Retrieve a finished watch's outcome (asyncio would log an exception nobody asked for)."""
+    if task.done() and not task.cancelled():
+        task.exception()
 
 
 def _size(msg: dict) -> int:
