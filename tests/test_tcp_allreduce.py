@@ -228,6 +228,20 @@ def test_abandon_ends_the_search(swarm):
     assert_exact(reduce_all(ts, vectors, gathers, key="k", wait_until=ts[0].now() + 5), ts, vectors, gathers)
 
 
+def test_shutdown_ends_an_all_reduce(swarm):
+    (t,) = swarm(1)
+    vec, gather = contribution(np.random.default_rng(14))
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(t.all_reduce, vec, group_key="k", group_size=2, gather=gather, timeout=60.0,
+                              wait_until=t.now() + 60)
+        time.sleep(0.5)
+        start = time.monotonic()
+        t.shutdown()
+        with pytest.raises(TransportError):
+            pending.result(timeout=10)
+    assert time.monotonic() - start < 5
+
+
 def test_outsiders_and_other_plans_are_refused(swarm):
     ts = swarm(4)
     open_all(ts)

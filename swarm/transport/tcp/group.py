@@ -50,7 +50,7 @@ import numpy as np
 from swarm.averaging import expectations
 from swarm.key import SwarmKey
 from swarm.transport.base import ABANDONED, ReduceResult, TransportError
-from swarm.transport.tcp.allreduce import Exchange, ExchangeError, Meter, frame_cap
+from swarm.transport.tcp.allreduce import Exchange, ExchangeError, Meter, frame_bytes, frame_cap, spans
 from swarm.transport.tcp.channel import Channel, ChannelError
 from swarm.transport.tcp.identity import Identity, verify
 from swarm.transport.tcp.node import TcpNode
@@ -182,8 +182,12 @@ class Averager:
         now = self.clock()
         scheduled = max(wait_until or 0.0, now + 0.5)
         give_up = now + max(timeout, scheduled - now + 1.0)
-        a = Attempt(key=group_key, size=max(2, min(int(group_size), MAX_GROUP)), vector=vec, gather=gather,
-                    wrapper=sign_gather(self.identity, self.swarm_key, group_key, len(vec), gather),
+        try:
+            wrapper = sign_gather(self.identity, self.swarm_key, group_key, len(vec), gather)
+        except (TypeError, ValueError) as e:
+            raise TransportError(f"all-reduce failed: the gather does not encode: {e}") from None
+        a = Attempt(key=group_key, size=max(2, min(int(group_size), MAX_GROUP)), vector=vec, wrapper=wrapper,
+                    gather=msgpack.unpackb(wrapper["b"], raw=False, strict_map_key=False),  # as the others read it
                     wait_until=scheduled, give_up=give_up, timeout=timeout,
                     allowed=None if allowed is None else set(allowed) | {self.me})
         future = asyncio.run_coroutine_threadsafe(self._run(a), self.node._runner.loop)
@@ -195,6 +199,8 @@ class Averager:
                     break
                 except FutureTimeout:
                     pass
+                if not self.node._runner.loop.is_running():
+                    raise TransportError("all-reduce failed: the transport was shut down")
                 if time.monotonic() > hard_end:
                     self.node.call(self._cancel(a, force=True))
                     raise TransportError("all-reduce failed: it did not end in time")
@@ -217,9 +223,9 @@ class Averager:
             self.traffic = (self.traffic[0] + a.meter.sent, self.traffic[1] + a.meter.received)
         (sent, received), self.traffic = self.traffic, (0, 0)
         g = a.group
-        spans = dict(zip(g.members, _spans(len(vec), len(g.members))))
+        bounds = dict(zip(g.members, spans(len(vec), len(g.members))))
         return ReduceResult(vector=vector_out, gathered=dict(zip(g.members, g.gathers)), seconds=time.perf_counter() - start,
-                            rejections=rejections, bytes_sent=sent, bytes_received=received, spans=spans, leader=g.members[0])
+                            rejections=rejections, bytes_sent=sent, bytes_received=received, spans=bounds, leader=g.members[0])
 
     async def _cancel(self, a: Attempt, force: bool = False) -> bool:
         """(On the loop) end an attempt that has not formed a group; False if it already has (unless `force`)."""
@@ -232,6 +238,8 @@ class Averager:
     # --- one attempt (on the loop) ---------------------------------------------------------------
     async def _run(self, a: Attempt) -> tuple[np.ndarray, dict[str, str]]:
         a.task = asyncio.current_task()
+        self.node._tasks.add(a.task)  # shutdown cancels it with the node's own tasks
+        a.task.add_done_callback(self.node._tasks.discard)
         old = self.attempt
         if old is not None and not old.over and old.task is not None:  # an abandoned attempt still ending
             old.task.cancel()
@@ -572,12 +580,4 @@ def _settle(task: asyncio.Future) -> None:
 
 
 def _size(msg: dict) -> int:
-    from swarm.transport.tcp.allreduce import frame_bytes
-
     return frame_bytes(msg)
-
-
-def _spans(total: int, n: int) -> list[tuple[int, int]]:
-    from swarm.transport.tcp.allreduce import spans
-
-    return spans(total, n)
