@@ -432,3 +432,29 @@ def test_member_killed_mid_exchange_fails_everyone(swarm):
         assert "all-reduce failed" in str(r)
     assert took < 12
     assert all(not t.reducing() for t in ts)
+
+
+def test_the_training_loops_round_averages_over_tcp(swarm):
+    """swarm.round.average_round end to end: signed gathers, exact decode, and the result check over records."""
+    from swarm.backends.base import TrainResult
+    from swarm.round import average_round
+
+    ts = swarm(3)
+    values = 768
+    open_all(ts, values=values)
+    quotas = {t.peer_id: 1000 for t in ts}
+
+    def one(i):
+        train = TrainResult(grads={"w": np.full(values, 0.01 * (i + 1), dtype=np.float32)}, tokens=100 * (i + 1),
+                            loss_sum=1.0, seconds=0.1)
+        return average_round(ts[i], train, names=["w"], shapes={"w": (values,)}, round_=1, plan_id="plan-1",
+                             group_size=3, clip_norm=1.0, timeout=10.0, run="tcp", wait_until=ts[i].now() + 5,
+                             lineage="0" * 64, quotas=quotas)
+
+    with ThreadPoolExecutor(3) as pool:
+        outs = list(pool.map(one, range(3)))
+    assert all(o.ok for o in outs), [o.reason for o in outs]
+    assert len({o.update_sha256 for o in outs}) == 1 and all(o.group_size == 3 for o in outs)
+    expected = (0.01 * 100 + 0.02 * 200 + 0.03 * 300) / 600  # token-weighted mean
+    np.testing.assert_allclose(outs[0].mean_grads["w"], expected, rtol=1e-5)
+    assert all(o.bytes_sent > 0 for o in outs)
