@@ -458,3 +458,41 @@ def test_the_training_loops_round_averages_over_tcp(swarm):
     expected = (0.01 * 100 + 0.02 * 200 + 0.03 * 300) / 600  # token-weighted mean
     np.testing.assert_allclose(outs[0].mean_grads["w"], expected, rtol=1e-5)
     assert all(o.bytes_sent > 0 for o in outs)
+
+
+NO_HIVEMIND = textwrap.dedent("""
+    import sys, threading
+    class Refuse:
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in ("hivemind", "uvloop", "torch"):
+                raise ImportError(name + " is blocked in this test")
+    sys.meta_path.insert(0, Refuse())
+    import numpy as np
+    from swarm.averaging import encode, vector_size
+    from swarm.transport.tcp.transport import TcpTransport
+    a = TcpTransport(host="127.0.0.1")
+    b = TcpTransport(host="127.0.0.1", initial_peers=a.visible_maddrs())
+    import time
+    deadline = time.monotonic() + 10
+    while len(a.node.store.get("_swarm.tcp.addrs")) < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    out = {}
+    def one(t, salt):
+        vec = encode(np.full(300, 0.01), 5, 1.0, salt)
+        out[t.peer_id] = t.all_reduce(vec, group_key="k", group_size=2, timeout=10.0, wait_until=t.now() + 5,
+                                      gather={"tokens": 5, "salt": salt, "norm": 0.17320508075688773})
+    ths = [threading.Thread(target=one, args=(t, s)) for t, s in ((a, 11), (b, 22))]
+    [th.start() for th in ths]
+    [th.join(30) for th in ths]
+    a.shutdown(); b.shutdown()
+    assert len({r.vector.tobytes() for r in out.values()}) == 1 and len(out) == 2
+    assert not any(m.split(".")[0] in ("hivemind", "uvloop", "torch") for m in sys.modules)
+    print("ok", type(a.node._runner.loop).__module__.split(".")[0])
+""")
+
+
+def test_all_reduce_works_where_hivemind_torch_and_uvloop_cannot_be_imported():
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    out = subprocess.run([sys.executable, "-c", NO_HIVEMIND], capture_output=True, text=True, timeout=60, cwd=ROOT,
+                         env=env)
+    assert out.returncode == 0 and out.stdout.split() == ["ok", "asyncio"], out.stderr[-3000:]
