@@ -259,7 +259,10 @@ class Exchange:
         finally:
             for task in tasks:
                 task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            ended, _ = await asyncio.wait(tasks, timeout=2.0)  # bounded: the caller closes the connections anyway
+            for task in ended:
+                if not task.cancelled():
+                    task.exception()
         if self.reduced != len(self.mine) or any(self.next_avg[j] != len(self.span_chunks[j]) for j in self.outbox):
             raise ExchangeError("the exchange ended with spans missing")  # not reached: every reader saw its "done"
         rejections: dict[str, str] = {}

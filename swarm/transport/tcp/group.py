@@ -141,6 +141,7 @@ class Attempt:
     mesh: dict[str, asyncio.Future] = field(default_factory=dict)
     finished: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task | None = None
+    stage: str = "starting"     # for diagnostics: matchmaking, connecting, exchanging, ending
 
     @property
     def plan(self) -> Any:
@@ -191,7 +192,7 @@ class Averager:
                     wait_until=scheduled, give_up=give_up, timeout=timeout,
                     allowed=None if allowed is None else set(allowed) | {self.me})
         future = asyncio.run_coroutine_threadsafe(self._run(a), self.node._runner.loop)
-        hard_end = time.monotonic() + (give_up - now) + timeout + 30.0  # the coroutine bounds itself: a backstop
+        hard_end = time.monotonic() + (give_up - now) + timeout + 15.0  # the coroutine bounds itself: a backstop
         try:
             while True:
                 try:
@@ -202,8 +203,9 @@ class Averager:
                 if not self.node._runner.loop.is_running():
                     raise TransportError("all-reduce failed: the transport was shut down")
                 if time.monotonic() > hard_end:
+                    log.warning("an all-reduce attempt did not end in time (stage: %s): cancelling it", a.stage)
                     self.node.call(self._cancel(a, force=True))
-                    raise TransportError("all-reduce failed: it did not end in time")
+                    raise TransportError(f"all-reduce failed: it did not end in time (stage: {a.stage})")
                 if abandon is None or a.formed:
                     continue
                 why = abandon()
@@ -251,7 +253,9 @@ class Averager:
         self.attempt = a
         try:
             await self._announce(a, True)
+            a.stage = "matchmaking"
             channels = await self._form(a)
+            a.stage = "exchanging"
             g = a.group
             for ch in channels.values():
                 ch.max_frame = min(ch.max_frame, frame_cap())
@@ -268,6 +272,7 @@ class Averager:
                 log.warning("all-reduce of group %s (leader %s) failed: %s", g.id.hex()[:8], g.members[0], e)
                 raise TransportError(f"all-reduce failed: {e}") from None
         finally:
+            a.stage = "ending"
             a.over = True
             if self.attempt is a:
                 self.attempt = None
@@ -433,8 +438,9 @@ class Averager:
         a.group_set.set()
         msg = self.group_message(a, group)
         try:
-            await asyncio.gather(*(a.meter.send(a.joiners[p].ch, msg) for p in others))
-        except ChannelError as e:
+            await asyncio.wait_for(asyncio.gather(*(a.meter.send(a.joiners[p].ch, msg) for p in others)),
+                                   max(self.chunk_timeout, 5.0))
+        except (ChannelError, asyncio.TimeoutError) as e:
             raise TransportError(f"all-reduce failed: could not tell the group it formed: {e}") from None
         log.info("formed group %s of %d as its leader: %s", group.id.hex()[:8], len(members), ", ".join(members))
         return {p: a.joiners[p].ch for p in others}
@@ -449,7 +455,7 @@ class Averager:
             return None
         a.channels.append(ch)
         try:
-            await a.meter.send(ch, {"t": "join", "key": a.key, "g": a.wrapper})
+            await asyncio.wait_for(a.meter.send(ch, {"t": "join", "key": a.key, "g": a.wrapper}), 5.0)
             reply = asyncio.ensure_future(a.meter.recv(ch))
             try:
                 while not reply.done():
@@ -460,8 +466,8 @@ class Averager:
                 if not reply.done():
                     reply.cancel()
             msg = reply.result()
-        except ChannelError as e:
-            log.info("leader %s closed the connection: %s", leader, e)
+        except (ChannelError, asyncio.TimeoutError) as e:
+            log.info("leader %s closed the connection: %s", leader, e or "timed out")
             a.excluded.add(leader)
             ch.close()
             return None
@@ -483,6 +489,7 @@ class Averager:
         a.group = group
         a.group_set.set()
         log.info("joined group %s of %d led by %s", group.id.hex()[:8], len(group.members), leader)
+        a.stage = "connecting"
         return await self._mesh(a, {leader: ch})
 
     def _check_group(self, a: Attempt, leader: str, msg: dict) -> Group:
@@ -528,7 +535,7 @@ class Averager:
         async def dial(p: str) -> None:
             ch = await self.node.open_service(p, SERVICE, timeout=5.0)
             a.channels.append(ch)
-            await a.meter.send(ch, {"t": "mesh", "key": a.key, "id": g.id})
+            await asyncio.wait_for(a.meter.send(ch, {"t": "mesh", "key": a.key, "id": g.id}), 5.0)
             channels[p] = ch
 
         async def accept(p: str) -> None:
