@@ -430,7 +430,7 @@ def test_member_killed_mid_exchange_fails_everyone(swarm):
     for r in results:
         assert isinstance(r, TransportError), r
         assert "all-reduce failed" in str(r)
-    assert took < 12
+    assert took < 20  # well before the attempt's backstop (about 32 s here): nobody waited for a dead member
     assert all(not t.reducing() for t in ts)
 
 
