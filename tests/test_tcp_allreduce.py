@@ -137,7 +137,8 @@ def test_private_swarm_averages(swarm):
 
     ts = swarm(2, swarm_key=SwarmKey(b"s" * 32))
     open_all(ts)
-    vectors, gathers = zip(*(contribution(np.random.default_rng(13)) for _ in ts))
+    rng = np.random.default_rng(13)
+    vectors, gathers = zip(*(contribution(rng) for _ in ts))
     assert_exact(reduce_all(ts, vectors, gathers, wait_until=ts[0].now() + 5), ts, vectors, gathers)
 
 
@@ -224,7 +225,8 @@ def test_abandon_ends_the_search(swarm):
     assert str(e.value) == ABANDONED + "the plan changed"
     assert 1.5 < time.monotonic() - start < 5
     # and the peer can average right after
-    vectors, gathers = zip(*(contribution(np.random.default_rng(4)) for _ in ts))
+    rng = np.random.default_rng(4)
+    vectors, gathers = zip(*(contribution(rng) for _ in ts))
     assert_exact(reduce_all(ts, vectors, gathers, key="k", wait_until=ts[0].now() + 5), ts, vectors, gathers)
 
 
@@ -304,6 +306,41 @@ def test_bad_part_is_rejected_and_named_by_every_member(swarm, fault):
         assert [members[i] for i in verdict.rejected] == [name]
 
 
+@pytest.mark.parametrize("fault", ["short", "oversized"])
+def test_misshapen_parts(swarm, monkeypatch, fault):
+    """A part of the wrong length is rejected (marker); one over the frame cap disconnects its sender: all fail."""
+    ts = swarm(3)
+    open_all(ts)
+    cheater = ts[1].peer_id
+    real_init, real_send = allreduce_module.Exchange.__init__, allreduce_module.Meter.send
+
+    def init(self, *args, **kw):
+        real_init(self, *args, **kw)
+        self.meter.cheat = self.me == cheater
+
+    async def send(self, ch, msg):
+        if getattr(self, "cheat", False) and msg["t"] == "part":
+            ch.max_frame = 1 << 24  # a hostile sender ignores the cap: its receivers must not
+            msg = {**msg, "d": msg["d"][:-8] if fault == "short" else msg["d"] + bytes(allreduce_module.frame_cap())}
+        await real_send(self, ch, msg)
+
+    monkeypatch.setattr(allreduce_module.Exchange, "__init__", init)
+    monkeypatch.setattr(allreduce_module.Meter, "send", send)
+    rng = np.random.default_rng(15)
+    vectors, gathers = zip(*(contribution(rng) for _ in ts))
+    results = reduce_all(ts, vectors, gathers, wait_until=ts[0].now() + 5, timeout=5.0)
+    if fault == "oversized":
+        assert all(isinstance(r, TransportError) for r in results), results
+        assert any("(limit" in str(r) for r in results), results  # "a frame announced N bytes (limit M)"
+        return
+    assert all(not isinstance(r, Exception) for r in results), results
+    assert len({r.vector.tobytes() for r in results}) == 1
+    assert all(list(r.rejections) == [cheater] and "bytes, expected float64" in r.rejections[cheater] for r in results)
+    members = sorted(results[0].gathered)
+    verdict = attribute(results[0].vector, [results[0].gathered[m]["salt"] for m in members], 0)
+    assert [members[i] for i in verdict.rejected] == [cheater]
+
+
 def test_forged_gather_fails_the_attempt(swarm, monkeypatch):
     ts = swarm(3)
     open_all(ts)
@@ -317,7 +354,8 @@ def test_forged_gather_fails_the_attempt(swarm, monkeypatch):
         return msg
 
     monkeypatch.setattr(Averager, "group_message", lying)
-    vectors, gathers = zip(*(contribution(np.random.default_rng(9)) for _ in ts))
+    rng = np.random.default_rng(9)
+    vectors, gathers = zip(*(contribution(rng) for _ in ts))
     results = reduce_all(ts, vectors, gathers, wait_until=ts[0].now() + 5, timeout=4.0)
     for t, r in zip(ts, results):
         assert isinstance(r, TransportError), r

@@ -247,8 +247,11 @@ class Exchange:
             while pending:
                 done, pending = await asyncio.wait(pending, timeout=0.1, return_when=asyncio.FIRST_EXCEPTION)
                 for task in done:
-                    if task.exception() is not None:
-                        raise task.exception()
+                    error = task.exception()
+                    if isinstance(error, (ExchangeError, ChannelError)):
+                        raise error
+                    if error is not None:  # a bug, or a frame this member could not encode: fail the attempt alike
+                        raise ExchangeError(f"{type(error).__name__}: {error}")
                 now = time.monotonic()
                 if pending and now - self.meter.last > self.chunk_timeout:
                     raise ExchangeError(f"nothing moved for {self.chunk_timeout:g}s (waiting for {self._waiting()})")
