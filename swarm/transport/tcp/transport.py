@@ -1,8 +1,7 @@
 """`TcpTransport`: the `Transport` protocol (swarm/transport/base.py) over the TCP gossip node.
 
-Built so far: membership records (`put`/`get`), identity, addresses, averaging (`all_reduce`,
-`reducing`, `ban`: `group` and `allreduce`) and shutdown. State download raises
-NotImplementedError until the next phase of issue 14 builds it.
+Built so far: membership records (`put`/`get`), identity, addresses and shutdown. Averaging and
+state download raise NotImplementedError until the next phases of issue 14 build them.
 
 Values are msgpack-encoded, as with hivemind (tuples come back as lists); `get` returns one
 validated `Record` per owner. Time is this machine's clock (`now`): records carry absolute
