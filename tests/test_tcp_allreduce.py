@@ -244,6 +244,32 @@ def test_shutdown_ends_an_all_reduce(swarm):
     assert time.monotonic() - start < 5
 
 
+def test_followers_regroup_when_their_leader_abandons(swarm):
+    ts = swarm(3)
+    open_all(ts)
+    leader = min(ts, key=lambda t: t.peer_id)
+    rng = np.random.default_rng(16)
+    vectors, gathers = zip(*(contribution(rng) for _ in ts))
+    quit_at = time.monotonic() + 1.0
+
+    def run(i):
+        t = ts[i]
+        abandon = (lambda: "leaving" if time.monotonic() > quit_at else None) if t is leader else None
+        try:
+            return t.all_reduce(vectors[i], group_key="regroup", group_size=4, gather=gathers[i], timeout=6.0,
+                                wait_until=t.now() + 3.0, abandon=abandon)
+        except TransportError as e:
+            return e
+
+    with ThreadPoolExecutor(3) as pool:
+        results = list(pool.map(run, range(3)))
+    by = {t.peer_id: r for t, r in zip(ts, results)}
+    assert str(by[leader.peer_id]) == ABANDONED + "leaving"
+    rest = [t for t in ts if t is not leader]
+    assert_exact([by[t.peer_id] for t in rest], rest, [vectors[ts.index(t)] for t in rest],
+                 [gathers[ts.index(t)] for t in rest])
+
+
 def test_outsiders_and_other_plans_are_refused(swarm):
     ts = swarm(4)
     open_all(ts)
