@@ -142,6 +142,7 @@ class Attempt:
     finished: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task | None = None
     stage: str = "starting"     # for diagnostics: matchmaking, connecting, exchanging, ending
+    cancelled: bool = False
 
     @property
     def plan(self) -> Any:
@@ -233,6 +234,7 @@ class Averager:
         """(On the loop) end an attempt that has not formed a group; False if it already has (unless `force`)."""
         if a.over or (a.formed and not force):
             return False
+        a.cancelled = True  # seen by `_run` if it has not started yet
         if a.task is not None:
             a.task.cancel()
         return True
@@ -240,6 +242,8 @@ class Averager:
     # --- one attempt (on the loop) ---------------------------------------------------------------
     async def _run(self, a: Attempt) -> tuple[np.ndarray, dict[str, str]]:
         a.task = asyncio.current_task()
+        if a.cancelled:
+            raise asyncio.CancelledError
         self.node._tasks.add(a.task)  # shutdown cancels it with the node's own tasks
         a.task.add_done_callback(self.node._tasks.discard)
         old = self.attempt
