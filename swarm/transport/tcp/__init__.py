@@ -5,5 +5,6 @@ where `import hivemind` fails). Modules, bottom up: `identity` (key file, peer i
 (multiaddrs: the only importer of py-multiaddr), `channel` (authenticated, encrypted, framed
 connections), `records` (signed records and the capped store), `loop` (the event loop thread),
 `peer` (one connection's queue and messages), `node` (the gossip node, and services on connections of
-their own), `state` (state download), `transport` (`TcpTransport`).
+their own), `allreduce` (the exact butterfly exchange of one group), `group` (matchmaking, signed
+gathers, the all-reduce's driver), `state` (state download), `transport` (`TcpTransport`).
 """

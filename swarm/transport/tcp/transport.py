@@ -1,7 +1,7 @@
 """`TcpTransport`: the `Transport` protocol (swarm/transport/base.py) over the TCP gossip node.
 
-Built so far: membership records (`put`/`get`), identity, addresses, state download (`state`) and
-shutdown. Averaging fails every attempt with a TransportError until the next phase builds it.
+Membership records (`put`/`get`) on the gossip node (`node`), matchmaking and the exact butterfly
+all-reduce (`group`, `allreduce`), and state download (`state`).
 
 Values are msgpack-encoded, as with hivemind (tuples come back as lists); `get` returns one
 validated `Record` per owner. Time is this machine's clock (`now`): records carry absolute
@@ -14,14 +14,16 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import msgpack
+import numpy as np
 
 from swarm import SwarmError
 from swarm.key import SwarmKey
-from swarm.transport.base import Record, StateProvider, TransportError
+from swarm.transport.base import Record, ReduceResult, StateProvider
 from swarm.transport.tcp.channel import ChannelError
+from swarm.transport.tcp.group import Averager
 from swarm.transport.tcp.identity import load_or_create
 from swarm.transport.tcp.node import TcpNode
 from swarm.transport.tcp.records import STALE, Limits
@@ -58,6 +60,7 @@ class TcpTransport:
             raise SwarmError(f"could not listen on {host}:{port}: {e.strerror or e}") from None
         self.peer_id = me.peer_id
         self._state = StateService(self.node, self.get)
+        self._averager = Averager(self.node, me, swarm_key, clock=self.now)
 
     # --- records ---------------------------------------------------------------------------
     def visible_maddrs(self) -> list[str]:
@@ -91,18 +94,29 @@ class TcpTransport:
     def shutdown(self) -> None:
         self.node.shutdown()
 
-    # --- not built yet (later phases of issue 14) ----------------------------------------------
-    def open_averaging(self, *, run: str, vector_size: int, **options: Any) -> None:
-        self._state.open(run, vector_size)  # state announcements of this run, and the state's size cap
+    # --- averaging (swarm/transport/tcp/group.py, allreduce.py) ------------------------------------
+    def open_averaging(self, *, run: str, vector_size: int, matchmaking_time: float, allreduce_timeout: float,
+                       clip_norm: float = 1.0, max_norm_ratio: float | None = None, chunk_timeout: float = 5.0) -> None:
+        """The reducers' checks (clip bound, norm ratio), the vector length and the stall limit of every all-reduce;
+        the state announcements of this run, and the state's size cap."""
+        self._state.open(run, vector_size)
+        self._averager.configure(vector_size=vector_size, clip_norm=clip_norm, max_norm_ratio=max_norm_ratio,
+                                 chunk_timeout=chunk_timeout)
 
-    def all_reduce(self, *args: Any, **kwargs: Any):
-        raise NotBuilt("all-reduce failed: the tcp transport's all-reduce is not built yet")
+    def all_reduce(self, vector: np.ndarray, *, group_key: str, group_size: int, gather: Any, timeout: float,
+                   wait_until: float | None = None, abandon: Callable[[], str | None] | None = None,
+                   allowed: set[str] | None = None) -> ReduceResult:
+        return self._averager.all_reduce(vector, group_key=group_key, group_size=group_size, gather=gather,
+                                         timeout=timeout, wait_until=wait_until, abandon=abandon, allowed=allowed)
 
     def reducing(self) -> bool:
-        return False
+        return self._averager.reducing()
 
     def ban(self, peer_ids: set[str]) -> None:
-        self._state.banned = set(peer_ids)  # never a state source either (as with hivemind)
+        """Refuse to average with these peers (as leader, follower or fellow member), or download state from them,
+        until the next call."""
+        self._averager.banned = frozenset(peer_ids)
+        self._state.banned = set(peer_ids)
 
     # --- state (`state.StateService`) -------------------------------------------------------
     def serve_state(self, provider: StateProvider) -> None:
@@ -117,6 +131,3 @@ class TcpTransport:
     def distrust(self, source: str) -> None:
         self._state.distrust(source)
 
-
-class NotBuilt(TransportError, NotImplementedError):
-    """A part of the transport that a later phase builds: the round loop sees a failed attempt, not a crash."""
