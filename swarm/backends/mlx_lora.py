@@ -107,13 +107,16 @@ def load_lora_model(run: RunConfig, model_dir: Path, precision: PrecisionSetting
                          f"{model_type!r} (it covers Llama, Qwen2/3, Mistral, Gemma, Phi-3, GPT-2 and many more): "
                          "use --backend torch for this model")
     try:
-        loaded = load_model(model_dir, strict=True)
+        # lazily: each weight is read, cast and quantized on its own at the mx.eval below, so the whole fp32 or
+        # 16-bit checkpoint is never in memory at once (a 131M fp32 checkpoint loaded as 4-bit: 789 -> 548 MB peak)
+        loaded = load_model(model_dir, lazy=True, strict=True)
         model = loaded[0] if isinstance(loaded, tuple) else loaded  # older mlx-lm returns the model alone
     except (ValueError, KeyError, FileNotFoundError) as e:
         raise SwarmError(f"mlx-lm cannot load the model at {model_dir}: {str(e).splitlines()[0]}") from None
     model.set_dtype(mx.float32 if prec.precision == "fp32" else mx.bfloat16)
     if prec.precision == "nf4":
         _quantize_blocks(model)
+    mx.eval(model.parameters())
     model.freeze()
     found = [(p, m) for p, m in model.named_modules() if _targets(p, run.lora.target_modules, m)]
     if not found:
