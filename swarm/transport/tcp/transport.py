@@ -95,7 +95,7 @@ class TcpTransport:
         self.node.shutdown()
 
     # --- averaging (swarm/transport/tcp/group.py, allreduce.py) ------------------------------------
-    def open_averaging(self, *, run: str, vector_size: int, matchmaking_time: float, allreduce_timeout: float,
+    def open_averaging(self, *, run: str, vector_size: int, matchmaking_time: float = 5.0, allreduce_timeout: float = 60.0,
                        clip_norm: float = 1.0, max_norm_ratio: float | None = None, chunk_timeout: float = 5.0) -> None:
         """The reducers' checks (clip bound, norm ratio), the vector length and the stall limit of every all-reduce;
         the state announcements of this run, and the state's size cap."""
