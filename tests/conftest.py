@@ -53,11 +53,39 @@ def run_cli(module: str, *args: str, timeout: float = 120) -> subprocess.Complet
     return subprocess.CompletedProcess(cmd, p.returncode, out, err)
 
 
+TRANSPORTS = ("hivemind", "tcp")
+
+
+@pytest.fixture(params=TRANSPORTS)
+def transport(request) -> str:
+    """Opt-in: a test that asks for it runs once per transport, and `peers` starts every peer with `--transport X`."""
+    return request.param
+
+
+def transport_args(transport: str) -> list[str]:
+    """The flag for a command of `swarm.join`/`swarm.testbed`/`swarm.status` (none for hivemind, the default)."""
+    return [] if transport == "hivemind" else ["--transport", transport]
+
+
+def identity_of(output: Path, transport: str = "hivemind") -> str:
+    """The peer id of the peer whose --output is `output`, from the identity file its transport keeps there."""
+    if transport == "tcp":
+        from swarm.transport.tcp.identity import load_or_create
+
+        path = output / "identity.ed25519"
+        assert path.is_file(), path  # never create one here
+        return load_or_create(path).peer_id
+    from swarm.transport.hivemind_dht import peer_id_of
+
+    return peer_id_of(output / "identity.key")
+
+
 class Peers:
     """Peer processes started by a test; every one is killed (by process group) at teardown."""
 
-    def __init__(self, base: Path) -> None:
+    def __init__(self, base: Path, transport: str = "hivemind") -> None:
         self.base = base
+        self.transport = transport
         self.procs: dict[str, subprocess.Popen] = {}
 
     def start(self, name: str, *args: str, initial_peers: list[str] | None = None,
@@ -66,7 +94,7 @@ class Peers:
         out = self.base / name
         out.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, *(program or ["-m", "swarm.join"]), "--host", "127.0.0.1", "--output", str(out),
-               "--threads", "1", *args]
+               "--threads", "1", *transport_args(self.transport), *args]
         if initial_peers:
             cmd += ["--initial-peers", *initial_peers]
         log = open(out / "log.txt", "w")
@@ -105,8 +133,10 @@ class Peers:
 
 
 @pytest.fixture
-def peers(tmp_path):
-    group = Peers(tmp_path)
+def peers(request, tmp_path):
+    """Peers over hivemind, or over the `transport` fixture's transport where the test asks for it."""
+    transport = request.getfixturevalue("transport") if "transport" in request.fixturenames else "hivemind"
+    group = Peers(tmp_path, transport)
     yield group
     group.kill_all()
 

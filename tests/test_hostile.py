@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import metrics
+from conftest import identity_of, metrics
 
 pytestmark = pytest.mark.slow
 
@@ -21,10 +21,22 @@ REASONS = {"nan": "NaN", "huge": "norm it announced", "shape": "shape", "outlier
            "tokens": "its quota in this round's plan"}
 
 
-@pytest.mark.parametrize("mode", list(REASONS))
-def test_hostile_contribution_is_rejected_named_and_excluded(peers, mode, tmp_path):
+@pytest.fixture
+def transport(request):
+    """This file's own `transport` (conftest's, narrowed): tcp only where a case says so (`transport_cases`)."""
+    return request.param
+
+
+def transport_cases(modes, tcp_modes):
+    """(mode, transport) cases: every mode over hivemind, `tcp_modes` over tcp too."""
+    return [pytest.param(m, t, id=f"{m}-{t}") for m in modes for t in ("hivemind", "tcp") if t == "hivemind" or m in tcp_modes]
+
+
+# nan patches swarm.round.encode (transport-independent); "shape" patches hivemind's partition, and the other modes
+# cost a real swarm each: one tcp case is enough to show the tcp reducer's checks reject, name and exclude
+@pytest.mark.parametrize("mode, transport", transport_cases(list(REASONS), {"nan"}), indirect=["transport"])
+def test_hostile_contribution_is_rejected_named_and_excluded(peers, mode, tmp_path, transport):
     from swarm.averaging import add_checksums
-    from swarm.transport.hivemind_dht import peer_id_of
 
     common = ["--max-rounds", str(ROUNDS), "--min-peers", "3"]
     if mode == "outlier":  # a loose clip: only the group-relative bound (averaging.max_norm_ratio) can catch it
@@ -36,7 +48,7 @@ def test_hostile_contribution_is_rejected_named_and_excluded(peers, mode, tmp_pa
     peers.start("x", *common, initial_peers=addrs, program=[*EVIL, mode])
     for name in "ab":
         assert peers.wait(name, 300) == 0, peers.log(name)[-3000:]
-    ids = {name: peer_id_of(peers.base / name / "identity.key") for name in "abx"}
+    ids = {name: identity_of(peers.base / name, transport) for name in "abx"}
     ma, mb = (metrics(peers.base / n / "metrics.jsonl") for n in "ab")
     assert [m["round"] for m in ma] == list(range(1, ROUNDS + 1)) == [m["round"] for m in mb]
 

@@ -259,16 +259,16 @@ def test_kill_at_start_up_status_and_restart(peers, families, tmp_path, monkeypa
     assert _rounds(peers, "a") == [1] == _rounds(peers, "b")
 
 
-# a DHT node that trains nothing: whichever peer dies, it restarts through this one
-BOOTSTRAP = ("import sys, time; from swarm.transport.hivemind_dht import HivemindTransport; "
-             "t = HivemindTransport(host='127.0.0.1', initial_peers=sys.argv[1:]); "
+# a node of the transport (argv[1]) that trains nothing: whichever peer dies, it restarts through this one
+BOOTSTRAP = ("import sys, time; from swarm.transport.factory import make_transport; "
+             "t = make_transport(sys.argv[1], host='127.0.0.1', initial_peers=sys.argv[2:]); "
              "print('initial peers: ' + ' '.join(t.visible_maddrs()), flush=True); time.sleep(900)")
 
 
-def _bootstrap(tmp_path, families, initial_peers) -> list[str]:
+def _bootstrap(tmp_path, families, initial_peers, transport="hivemind") -> list[str]:
     log = tmp_path / "bootstrap.txt"
     with open(log, "w") as f:
-        p = subprocess.Popen([sys.executable, "-c", BOOTSTRAP, *initial_peers], stdout=f, stderr=subprocess.STDOUT,
+        p = subprocess.Popen([sys.executable, "-c", BOOTSTRAP, transport, *initial_peers], stdout=f, stderr=subprocess.STDOUT,
                              env=_env(), cwd=ROOT, start_new_session=True)
     _watch(families, p.pid)
     found: list[str] = []
@@ -283,13 +283,13 @@ def _bootstrap(tmp_path, families, initial_peers) -> list[str]:
 
 
 @pytest.mark.slow
-def test_kill_while_training_mid_all_reduce_and_serving_state(peers, families, tmp_path, monkeypatch):
+def test_kill_while_training_mid_all_reduce_and_serving_state(peers, families, tmp_path, monkeypatch, transport):
     flag = tmp_path / "die-serving"  # whoever takes it dies (main process only) as it serves a state download
     monkeypatch.setenv("SWARM_CHAOS_DIE_SERVING", str(flag))
     common = ["--config", TINY, "--max-rounds", "1000"]  # runs until the test ends it
     peers.start("a", *common, "--min-peers", "3")
     addrs = peers.addrs("a")
-    boot = _bootstrap(tmp_path, families, addrs)
+    boot = _bootstrap(tmp_path, families, addrs, transport)
     peers.start("b", *common, "--min-peers", "3", initial_peers=addrs)
     monkeypatch.setenv("SWARM_CHAOS_DIE_IN_ROUND", "2")  # c's main process dies in round 2's all-reduce,
     monkeypatch.setenv("SWARM_CHAOS_DIE_AT", "reduce")    # once its group formed and parts are being exchanged
@@ -306,7 +306,7 @@ def test_kill_while_training_mid_all_reduce_and_serving_state(peers, families, t
     gone = fams["c"].seconds_until_gone(t)
     print(f"mid all-reduce: no process left {gone:.2f}s after c's main process died ({', '.join(fams['c'].names())})")
     assert gone <= GONE_WITHIN
-    assert "p2pd" in fams["c"].names()
+    assert ("p2pd" in fams["c"].names()) == (transport == "hivemind")  # tcp: no daemon at all
     took = _restart_resumes(peers, "c", *common, initial_peers=boot)
     print(f"mid all-reduce: restart -> first contributed round {took:.1f}s")
     fams["c"] = _watch(families, peers.procs["c"].pid)

@@ -1,4 +1,5 @@
-"""Real swarms: peer processes talking through hivemind over 127.0.0.1 (NAT port mapping off)."""
+"""Real swarms: peer processes talking over 127.0.0.1, once per transport (`transport` fixture: hivemind with NAT
+port mapping off, and tcp)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import metrics, run_cli
+from conftest import metrics, run_cli, transport_args
 
 pytestmark = pytest.mark.slow
 
@@ -22,9 +23,10 @@ def _hashes_by_round(files) -> dict[int, set[str]]:
     return by_round
 
 
-def test_testbed_three_peers_identical_every_round_and_loss_falls(tmp_path):
+def test_testbed_three_peers_identical_every_round_and_loss_falls(tmp_path, transport):
     out = tmp_path / "bed"
-    res = run_cli("swarm.testbed", "--peers", "3", "--max-rounds", "5", "--output", str(out), timeout=420)
+    res = run_cli("swarm.testbed", "--peers", "3", "--max-rounds", "5", "--output", str(out), *transport_args(transport),
+                  timeout=420)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["ok"] and summary["all_adapters_identical"]
@@ -66,7 +68,7 @@ def test_testbed_three_peers_identical_every_round_and_loss_falls(tmp_path):
     AutoConfig.from_pretrained(cfg["base_model_name_or_path"])        # a directory transformers loads
 
 
-def test_late_joiner_downloads_state_and_matches(peers):
+def test_late_joiner_downloads_state_and_matches(peers, transport):
     common = ["--max-rounds", "16"]
     peers.start("a", *common, "--min-peers", "2")
     addrs = peers.addrs("a")
@@ -99,7 +101,7 @@ def test_late_joiner_downloads_state_and_matches(peers):
     assert all(len(p) == 1 for p in plans.values()), {r: p for r, p in plans.items() if len(p) > 1}
 
 
-def test_one_swarm_round_equals_single_process_weighted_average(peers):
+def test_one_swarm_round_equals_single_process_weighted_average(peers, transport):
     """Same data, same global batch: the swarm's round-1 adapter = one process averaging by tokens."""
     peers.start("a", "--max-rounds", "1", "--min-peers", "2")
     peers.start("b", "--max-rounds", "1", "--min-peers", "2", initial_peers=peers.addrs("a"))
