@@ -55,10 +55,15 @@ def write_model(directory: Path, hidden: int, layers: int) -> None:
     _write_tokenizer(directory)
 
 
+def _hwm() -> int:
+    """This process's peak resident memory (VmHWM). Not ru_maxrss: Linux carries that across execve from the
+    forked parent, so a child of this (model-writing, ~0.9 GB at 131M) script would read at least the parent's."""
+    with open("/proc/self/status") as f:
+        return next(int(ln.split()[1]) * 1024 for ln in f if ln.startswith("VmHWM:"))
+
+
 def child(spec: dict) -> dict:
     """In a fresh interpreter: load the trainer in one precision, train `steps` steps, report."""
-    import resource
-
     import numpy as np
 
     from swarm.hardware import tune_allocator
@@ -75,7 +80,7 @@ def child(spec: dict) -> dict:
     fw = spec.get("framework", "torch")
     backend = load_backend(fw, run=run, model_dir=Path(spec["model"]),
                            precision=PrecisionSettings(spec["precision"], framework=fw))
-    load_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # reading + converting the checkpoint
+    load_peak = _hwm()  # reading + converting the checkpoint
     rng = np.random.default_rng(0)
     shape = (spec["micro_batch"], spec["seq_len"] + 1)
     backend.train([rng.integers(4, 260, shape)])  # warm-up step (kernels, allocator)
@@ -86,7 +91,7 @@ def child(spec: dict) -> dict:
         backend.apply_update(r.grads)
         tokens += r.tokens
     seconds = time.perf_counter() - t0
-    return {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    return {"peak_rss_bytes": _hwm(),
             "load_peak_rss_bytes": load_peak, "tokens_per_s": tokens / seconds}
 
 

@@ -239,8 +239,9 @@ def _peak_child(spec: dict) -> dict:
     seconds = time.perf_counter() - t0
     st = _rss_status()
     return {
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        "hwm_bytes": st["VmHWM"], "runtime_rss_bytes": runtime, "built_rss_bytes": built,
+        # VmHWM, this process's own high-water mark: Linux carries ru_maxrss across execve from the forked
+        # parent, so ru_maxrss of a child started by a big parent reads at least the parent's size
+        "peak_rss_bytes": st["VmHWM"], "ru_maxrss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "runtime_rss_bytes": runtime, "built_rss_bytes": built,
         "params": sum(p.numel() for p in model.parameters()), "seconds": seconds, "allocator": allocator,
     }
 
@@ -265,7 +266,7 @@ def measure_step_peak(config: dict, micro_batch: int, seq_len: int, lora_r: int 
 
     `config` holds LlamaConfig keys (vocab_size, hidden_size, ...). Linux only (reads /proc).
     `tune_allocator`: call `swarm.hardware.tune_allocator()` first, as swarm's CPU training does.
-    Returns the child's report: peak_rss_bytes (ru_maxrss: the whole process), runtime_rss_bytes
+    Returns the child's report: peak_rss_bytes (VmHWM: the whole process's own peak), runtime_rss_bytes
     (after importing torch, transformers and peft), built_rss_bytes, params, seconds.
     """
     spec = {"config": dict(config), "micro_batch": micro_batch, "seq_len": seq_len, "lora_r": lora_r,
