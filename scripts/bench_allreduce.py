@@ -7,10 +7,12 @@ S: the median round time, the bus rate 2(N-1)/N x S / time, and with `--link` th
 to the ideal 2(N-1)/N x S / B (B: the link's rate; 1.0 is the ideal, higher is slower).
 
 `--link UP/DOWN/RTT` (e.g. 100mbit/100mbit/20ms) puts every peer behind swarm.links' emulated line
-(the testbed's relays). hivemind's peers dial from their listen port, so both ends' lines shape
-their traffic; the tcp transport dials from an ephemeral port, so a connection crosses only the
-callee's line: its group leader (which every other member dials) still carries the whole ideal
-load on its own line, so the ratio stays meaningful, if slightly optimistic for the others.
+(the testbed's relays). Both transports dial from their listen port (hivemind's p2pd with reuseport;
+tcp with SO_REUSEPORT when it announces an address, `TcpNode(dial_from_listen=True)`), so the relay
+knows the dialer and a connection crosses both ends' lines, each way. The tcp transport opens one
+connection per purpose (gossip, all-reduce), so each tcp peer gets several relay ports
+(`LinkEmulator.add_peer(entries=...)`) and dials the next when a 4-tuple is taken; the notes column
+counts connections the relay could not attribute (0 expected: each would cross the callee's line only).
 
     python scripts/bench_allreduce.py [--transports tcp,hivemind] [--npeers 2,4] [--mb 10,50]
                                       [--rounds 3] [--link 100mbit/100mbit/20ms]
@@ -46,14 +48,14 @@ def worker(args: argparse.Namespace) -> None:
         ident = Path(args.tmp) / f"id-{os.getpid()}.ed25519"
         pid = load_or_create(ident).peer_id
         if args.relay:
-            announce = [f"/ip4/127.0.0.1/tcp/{args.relay}/p2p/{pid}"]
+            announce = [f"/ip4/127.0.0.1/tcp/{r}/p2p/{pid}" for r in args.relay.split(",")]
         t = TcpTransport(host="127.0.0.1", port=args.port, initial_peers=args.peers or None, identity=ident,
                          announce=announce)
     else:
         from swarm.transport.hivemind_dht import HivemindTransport
 
         if args.relay:
-            announce = [f"/ip4/127.0.0.1/tcp/{args.relay}"]
+            announce = [f"/ip4/127.0.0.1/tcp/{args.relay.split(',')[0]}"]
         t = HivemindTransport(host="127.0.0.1", port=args.port, initial_peers=args.peers or None, announce=announce)
     values = int(args.bytes / 8 * CHECK_EVERY / (CHECK_EVERY + 1))
     size = vector_size(values)
@@ -89,7 +91,8 @@ def run_case(transport: str, n: int, nbytes: int, rounds: int, link: str | None)
         spec = LinkSpec.parse(link)
         for _ in range(n):
             port = free_port()
-            ports.append((port, emulator.add_peer(spec, port)))
+            emulator.add_peer(spec, port, entries=4 if transport == "tcp" else 1)
+            ports.append((port, ",".join(map(str, emulator.peers[-1].relay_ports))))
         emulator.start()
     procs: list[subprocess.Popen] = []
     tmp = tempfile.mkdtemp(prefix="bench-allreduce-")
@@ -123,7 +126,8 @@ def run_case(transport: str, n: int, nbytes: int, rounds: int, link: str | None)
                 errors.append(next((o.get("error") or f"{o.get('members')} members") for o in outs
                                    if not o["ok"] or o["members"] != n))
             time.sleep(0.5)
-        return {"times": times, "errors": errors}
+        return {"times": times, "errors": errors,
+                "unattributed": emulator.unidentified if emulator is not None else None}
     finally:
         for p in procs:
             try:
@@ -152,7 +156,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=2, help=argparse.SUPPRESS)
     ap.add_argument("--bytes", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
-    ap.add_argument("--relay", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--relay", default="", help=argparse.SUPPRESS)
     ap.add_argument("--peers", action="append", help=argparse.SUPPRESS)
     ap.add_argument("--tmp", default="", help=argparse.SUPPRESS)
     ap.add_argument("--transports", default="tcp,hivemind")
@@ -185,7 +189,10 @@ def main() -> None:
                         line += f"{med / (load / rate):>8.2f}"
                 else:
                     line = f"{transport:<10}{n:>3}{mb:>6g}{'-':>10}{'-':>10}" + (f"{'-':>8}" if rate else "")
-                notes = f"{len(got['times'])}/{args.rounds} ok" + (f"; {got['errors'][0]}" if got["errors"] else "")
+                notes = f"{len(got['times'])}/{args.rounds} ok"
+                if got["unattributed"] is not None:
+                    notes += f", {got['unattributed']} unattributed"
+                notes += f"; {got['errors'][0]}" if got["errors"] else ""
                 print(line + "  " + notes, flush=True)
 
 

@@ -10,6 +10,7 @@ Also printed: the machine's own ceiling, two plain loops in two processes at the
 (1 thread each) / (2 x one plain loop alone): what any 2-process scheme can reach on this box.
 
 Usage: python scripts/bench_scaling.py [--rounds 10] [--repeats 5] [--tokens-per-round N] [--output DIR]
+                                      [--transport hivemind|tcp]   (the peers' transport; default hivemind)
 """
 
 from __future__ import annotations
@@ -116,6 +117,7 @@ def main() -> int:
     ap.add_argument("--tokens-per-round", type=int, default=None, help="override the default run's round size")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--output", default=None)
+    ap.add_argument("--transport", choices=("hivemind", "tcp"), default="hivemind", help="the peers' transport (swarm.join --transport)")
     args = ap.parse_args()
     import torch
 
@@ -153,7 +155,7 @@ def main() -> int:
         (out / "run.yaml").write_text(yaml.safe_dump(body))
         cfg = ["--config", str(out / "run.yaml")]
     try:
-        common = ["--max-rounds", str(args.rounds + 10), "--min-peers", "2", *cfg]
+        common = ["--max-rounds", str(args.rounds + 10), "--min-peers", "2", "--transport", args.transport, *cfg]
         procs.append(start_peer(out / "a", common))
         addrs = wait_addr(out / "a")
         procs.append(start_peer(out / "b", common + ["--initial-peers", *addrs]))
@@ -193,10 +195,11 @@ def main() -> int:
         "swarm_over_machine_ceiling": round(swarm_tps / sum(pair), 3),
         "join_to_first_contribution_s": round(join_seconds, 2),
         "rounds_measured": len(two) - 1,
+        "transport": args.transport,
         "output": str(out),
     }
     print(json.dumps(result, indent=2))
-    print(f"scaling (goal >= 0.9): {result['scaling_ratio_swarm_over_2x_plain']} (machine ceiling {result['machine_ceiling_two_plain_at_once_over_2x_plain']}, "
+    print(f"[{args.transport}] scaling (goal >= 0.9): {result['scaling_ratio_swarm_over_2x_plain']} (machine ceiling {result['machine_ceiling_two_plain_at_once_over_2x_plain']}, "
           f"swarm / ceiling {result['swarm_over_machine_ceiling']}); compute path (goal >= 0.95): "
           f"{result['compute_path_ratio']}; join (goal <= 15 s): {result['join_to_first_contribution_s']} s")
     return 0

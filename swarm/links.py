@@ -16,7 +16,11 @@ a 20 Mbit uplink sending to one with a 100 Mbit downlink gets 20 Mbit/s.
 The relay knows who dials: libp2p (go-libp2p's TCP transport with reuseport) dials from its listen
 port, so a connection from 127.0.0.1:<peer j's private port> is peer j. A connection from any other
 port (a client outside the swarm, or a libp2p without reuseport) crosses the callee's line only and
-is counted in `unidentified`.
+is counted in `unidentified`. A peer may have several relay ports (`add_peer(entries=n)`), all behind
+the same line: a transport that opens more than one connection to the same peer at once from its one
+listen port (swarm's tcp transport: gossip, all-reduce and state connections) needs a distinct
+remote port for each, or the second connection's 4-tuple would be the first's; it announces them all
+and dials the next one when a 4-tuple is taken.
 
 Backpressure: the relay stops reading a connection while more than `QUEUE_SECONDS` of its bytes wait
 in the serializers (a router's buffer), so senders see the link's rate, not loopback's. The relay
@@ -125,6 +129,7 @@ class PeerLinks:
     spec: LinkSpec
     upstream_port: int   # where the peer really listens (and dials from)
     relay_port: int = 0  # what it announces
+    relay_ports: list[int] = field(default_factory=list)  # all its relay ports (relay_port first), all behind this line
     up: Link = field(init=False)
     down: Link = field(init=False)
 
@@ -146,23 +151,28 @@ class LinkEmulator:
     def __init__(self, host: str = "127.0.0.1") -> None:
         self.host = host
         self.peers: list[PeerLinks] = []
-        self._socks: list[socket.socket] = []
+        self._socks: list[tuple[int, socket.socket]] = []  # (peer index, relay socket)
         self.unidentified = 0    # connections from a port no peer listens on: shaped by the callee's line only
         self.connections = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._tasks: set[asyncio.Task] = set()
 
-    def add_peer(self, spec: LinkSpec, upstream_port: int) -> int:
-        """Put the peer listening on `upstream_port` behind `spec`; returns the relay port it must announce."""
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((self.host, 0))
-        sock.listen(128)
-        sock.setblocking(False)
-        self._socks.append(sock)
-        self.peers.append(PeerLinks(spec, upstream_port, sock.getsockname()[1]))
-        return self.peers[-1].relay_port
+    def add_peer(self, spec: LinkSpec, upstream_port: int, entries: int = 1) -> int:
+        """Put the peer listening on `upstream_port` behind `spec`; returns the relay port it must announce.
+        `entries` > 1: that many relay ports for it (`PeerLinks.relay_ports`), all crossing the same line."""
+        peer = PeerLinks(spec, upstream_port)
+        for _ in range(max(1, entries)):
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((self.host, 0))
+            sock.listen(128)
+            sock.setblocking(False)
+            self._socks.append((len(self.peers), sock))
+            peer.relay_ports.append(sock.getsockname()[1])
+        peer.relay_port = peer.relay_ports[0]
+        self.peers.append(peer)
+        return peer.relay_port
 
     def start(self) -> None:
         ready = threading.Event()
@@ -177,7 +187,7 @@ class LinkEmulator:
         servers = []
 
         async def serve():
-            for k, sock in enumerate(self._socks):
+            for k, sock in self._socks:
                 servers.append(await asyncio.start_server(
                     lambda r, w, k=k: self._spawn(self._relay(k, r, w)), sock=sock))
             ready.set()
@@ -203,7 +213,7 @@ class LinkEmulator:
         if self._loop is not None and self._thread is not None and self._thread.is_alive():
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(10)
-        for sock in self._socks:
+        for _, sock in self._socks:
             sock.close()
 
     def stats(self) -> list[dict]:

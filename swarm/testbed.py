@@ -24,6 +24,7 @@ from swarm.metrics import read_metrics
 from swarm.transport.factory import TRANSPORTS
 
 START_TIMEOUT = 120.0
+RELAY_ENTRIES = 4   # --link with --transport tcp: relay ports per peer (see start_links)
 
 
 def _per_peer(text: str | None, n: int, what: str, cast=float) -> list:
@@ -89,7 +90,7 @@ class Testbed:
                 raise SwarmError(f"--max-utilization: {u} is not in (0, 1]")
         self.links = parse_links(args.link, args.peers) if args.link else None
         self.emulator: LinkEmulator | None = None
-        self.ports: list[tuple[int, int]] = []  # with --link: each peer's (private port, announced relay port)
+        self.ports: list[tuple[int, list[int]]] = []  # with --link: each peer's (private port, announced relay ports)
         self.threads = args.threads or max(1, (os.cpu_count() or 1) // args.peers)
         self.procs: list[subprocess.Popen] = []
         self.logs: list[Path] = []
@@ -127,8 +128,8 @@ class Testbed:
         if a.uniform:
             cmd += ["--uniform"]
         if self.ports:  # behind its emulated line: other peers dial the relay
-            port, relay = self.ports[k]
-            cmd += ["--port", str(port), "--announce", f"/ip4/127.0.0.1/tcp/{relay}"]
+            port, relays = self.ports[k]
+            cmd += ["--port", str(port), "--announce", *(f"/ip4/127.0.0.1/tcp/{r}" for r in relays)]
         return cmd
 
     def start_links(self) -> None:
@@ -141,7 +142,10 @@ class Testbed:
             for sock, spec in zip(held, self.links):
                 sock.bind(("127.0.0.1", 0))
                 port = sock.getsockname()[1]
-                self.ports.append((port, self.emulator.add_peer(spec, port)))
+                # tcp dials every connection from its listen port (libp2p multiplexes one): a relay port per
+                # connection it may hold to one peer at once (gossip, all-reduce, state, one closing)
+                self.emulator.add_peer(spec, port, entries=RELAY_ENTRIES if self.args.transport == "tcp" else 1)
+                self.ports.append((port, self.emulator.peers[-1].relay_ports))
         finally:
             for sock in held:
                 sock.close()

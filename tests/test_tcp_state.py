@@ -48,7 +48,7 @@ def nodes():
             kw["initial_peers"] = started[0].visible_maddrs()
         t = TcpTransport(host=LOCAL, **kw)
         started.append(t)
-        t.open_averaging(run="r", vector_size=1 << 20)
+        t.open_averaging(run="r", vector_size=1 << 20, matchmaking_time=2.0, allreduce_timeout=20.0)
         t._state.chunk = CHUNK
         if state is not None:
             t.serve_state(lambda: state)
@@ -153,7 +153,7 @@ def test_lying_servers_are_refused_and_the_next_one_used(nodes):
     # a server declaring far more than this run's state can weigh (round 10: asked first of all)
     big = nodes(({"round": 10}, [np.zeros(3 << 20, dtype=np.float32)]))
     b = nodes()
-    b.open_averaging(run="r", vector_size=1000)  # state of this run weighs at most 16 kB + metadata
+    b.open_averaging(run="r", vector_size=1000, matchmaking_time=2.0, allreduce_timeout=20.0)  # state of this run weighs at most 16 kB + metadata
     sees(b, good, wrong, big)
     same(b.download_state(timeout=15), honest, good.peer_id)
     assert {wrong.peer_id, big.peer_id} <= b._state.distrusted
@@ -247,7 +247,7 @@ import numpy as np
 from swarm.transport.tcp.transport import TcpTransport
 rnd, pace = int(sys.argv[1]), float(sys.argv[2])
 t = TcpTransport(host="127.0.0.1")
-t.open_averaging(run="r", vector_size=1 << 20)
+t.open_averaging(run="r", vector_size=1 << 20, matchmaking_time=2.0, allreduce_timeout=20.0)
 t._state.chunk, t._state.pace = 64 << 10, pace
 rng = np.random.default_rng(0)
 state = ({"names": ["a"]}, [rng.standard_normal(500_000, dtype=np.float32)])

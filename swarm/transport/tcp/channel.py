@@ -32,8 +32,10 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import errno
 import os
 import secrets
+import socket
 import ssl
 import tempfile
 from pathlib import Path
@@ -48,7 +50,7 @@ from cryptography.x509.oid import NameOID
 from swarm.key import SwarmKey
 from swarm.transport.tcp.identity import Identity, peer_id_of_key, verify
 
-__all__ = ["Channel", "ChannelError", "TlsContexts", "dial", "accept", "encode", "decode", "MAX_FRAME"]
+__all__ = ["Channel", "ChannelError", "Collision", "TlsContexts", "dial", "accept", "encode", "decode", "MAX_FRAME"]
 
 MAX_FRAME = 4 << 20          # bytes of one frame's body, at most (default; each channel may set its own)
 HANDSHAKE_TIMEOUT = 10.0     # seconds for TLS plus the auth exchange
@@ -63,6 +65,10 @@ VERSION = 1
 
 class ChannelError(Exception):
     """A connection failed or a peer broke the protocol: one line saying why."""
+
+
+class Collision(ChannelError):
+    """`dial(strict_local=True)`: the connection from `local` to that address would reuse a 4-tuple in use."""
 
 
 def encode(msg: dict, max_frame: int = MAX_FRAME) -> bytes:
@@ -192,21 +198,73 @@ def _field(msg: dict, name: str, kind: type, size: int | None = None) -> Any:
     return value
 
 
+REUSEPORT = hasattr(socket, "SO_REUSEPORT")  # not on Windows
+_COLLISION = {errno.EADDRINUSE, errno.EADDRNOTAVAIL}
+
+
+async def _connect_from(host: str, port: int, local: tuple[str, int], strict: bool = False) -> socket.socket | None:
+    """A socket connected to `host:port` from the local address `local` (this peer's listen address: a
+    link emulator, `swarm.links`, tells peers apart by the port they dial from, as libp2p's reuseport
+    dialing does). None where the platform has no SO_REUSEPORT, or where this 4-tuple is taken (a
+    second connection to the same remote address at once, or one still in TIME_WAIT): the caller then
+    dials from an ephemeral port."""
+    if not REUSEPORT:
+        return None
+    loop = asyncio.get_running_loop()
+    try:
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError:
+        return None
+    local_family = socket.AF_INET6 if ":" in local[0] else socket.AF_INET
+    targets = [i[4] for i in infos if i[0] == local_family]
+    if not targets:
+        return None
+    sock = socket.socket(local_family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.setblocking(False)
+        sock.bind(local)
+        await loop.sock_connect(sock, targets[0])
+        return sock
+    except OSError as e:
+        sock.close()
+        if e.errno in _COLLISION:
+            if strict:
+                raise Collision(f"a connection from {local[0]}:{local[1]} to {host}:{port} is open already") from None
+            return None
+        raise
+    except BaseException:
+        sock.close()
+        raise
+
+
 async def dial(host: str, port: int, expected: str | None, identity: Identity, tls: TlsContexts,
                swarm_key: SwarmKey | None = None, timeout: float = HANDSHAKE_TIMEOUT,
-               max_frame: int = MAX_FRAME, service: str | None = None) -> Channel:
+               max_frame: int = MAX_FRAME, service: str | None = None,
+               local: tuple[str, int] | None = None, strict_local: bool = False) -> Channel:
     """Connect to `host:port` and check that the peer there is `expected` (None: whoever it is).
-    `service`: a connection for one service of the listener (`TcpNode.register_service`), not gossip."""
+    `service`: a connection for one service of the listener (`TcpNode.register_service`), not gossip.
+    `local`: dial from this (host, port), this peer's listen address, where the platform allows it and
+    the connection does not collide with another (`_connect_from`); else from an ephemeral port, or with
+    `strict_local`, `Collision` (the caller may try another address of that peer first)."""
     try:
-        return await asyncio.wait_for(_dial(host, port, expected, identity, tls, swarm_key, max_frame, service), timeout)
+        return await asyncio.wait_for(_dial(host, port, expected, identity, tls, swarm_key, max_frame, service, local,
+                                            strict_local),
+                                      timeout)
     except asyncio.TimeoutError:
         raise ChannelError(f"no handshake with {host}:{port} within {timeout:g}s") from None
     except (OSError, ssl.SSLError) as e:
         raise ChannelError(f"cannot connect to {host}:{port}: {e.strerror or type(e).__name__}") from None
 
 
-async def _dial(host, port, expected, identity, tls, swarm_key, max_frame, service=None) -> Channel:
-    reader, writer = await asyncio.open_connection(host, port, ssl=tls.client, server_hostname=host)
+async def _dial(host, port, expected, identity, tls, swarm_key, max_frame, service=None, local=None,
+                strict_local=False) -> Channel:
+    sock = await _connect_from(host, port, local, strict_local) if local is not None else None
+    if sock is not None:
+        reader, writer = await asyncio.open_connection(sock=sock, ssl=tls.client, server_hostname=host)
+    else:
+        reader, writer = await asyncio.open_connection(host, port, ssl=tls.client, server_hostname=host)
     ch = Channel(reader, writer, "", dialer=True, max_frame=min(max_frame, HANDSHAKE_FRAME))
     try:
         listener = _listener_id(writer)

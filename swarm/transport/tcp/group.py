@@ -140,6 +140,7 @@ class Attempt:
     group_set: asyncio.Event = field(default_factory=asyncio.Event)
     mesh: dict[str, asyncio.Future] = field(default_factory=dict)
     finished: asyncio.Event = field(default_factory=asyncio.Event)
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)  # a joiner came or spoke: the leader looks now
     task: asyncio.Task | None = None
     stage: str = "starting"     # for diagnostics: matchmaking, connecting, exchanging, ending
     cancelled: bool = False
@@ -374,7 +375,9 @@ class Averager:
             old.ch.close()
         joiner = Joiner(ch, msg["g"], open_gather(msg["g"], pid, a.key, self.swarm_key)[0])
         joiner.watch = asyncio.ensure_future(ch.recv())  # anything but silence (it left, or broke protocol) drops it
+        joiner.watch.add_done_callback(lambda _: a.arrived.set())
         a.joiners[pid] = joiner
+        a.arrived.set()  # the leader assembles at once when this fills the group (not at its next POLL)
         a.channels.append(ch)
         await a.finished.wait()  # the connection is the attempt's until it ends
 
@@ -382,6 +385,7 @@ class Averager:
         a.leading = True
         try:
             while True:
+                a.arrived.clear()  # before looking: what arrives from here on wakes the wait below
                 for pid, j in list(a.joiners.items()):
                     if j.watch.done():
                         _settle(j.watch)
@@ -395,7 +399,10 @@ class Averager:
                     await self._disband(a, "this peer follows another leader now")
                     return None
                 self._no_group(a)
-                await asyncio.sleep(POLL)
+                try:  # every POLL (announcements, wait_until), or at once when a joiner arrives or leaves
+                    await asyncio.wait_for(a.arrived.wait(), POLL)
+                except asyncio.TimeoutError:
+                    pass
         except BaseException:
             if not a.formed:
                 await self._disband(a, "the leader stopped looking for a group")

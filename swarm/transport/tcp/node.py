@@ -27,6 +27,16 @@ is not gossip: it goes to the handler `register_service` gave for that name (sta
 one), which owns it until it returns; an unknown service is closed. `open_service` dials a peer (at
 the addresses its signed address record lists) for one.
 
+Dialing from the listen port (`dial_from_listen`, on where the peer `announce`s an address): every
+connection is dialed from this node's listen address and port (SO_REUSEADDR + SO_REUSEPORT on the
+listener and the dialing socket), as go-libp2p's reuseport TCP transport does. A relay in front of
+a peer (`swarm.links`, the testbed's emulated lines, or a NAT mapping the listen port) then sees the
+dialer's known port. A connection that would reuse a 4-tuple already taken (a second connection to
+the same remote address at once: gossip and an "avg" or "state" connection) goes to the peer's next
+listed address (a relay gives each peer several, `swarm.links`), and only when every one is taken,
+or where the platform has no SO_REUSEPORT (Windows), from an ephemeral port. Off by default: two peers
+dialing each other's listen ports directly from their own would be one 4-tuple (TCP simultaneous open).
+
 Threading (STYLE habit 4): the event loop runs on its own thread (`loop.LoopThread`: uvloop where it
 imports, asyncio's loop elsewhere, e.g. Windows); callers get plain synchronous calls.
 """
@@ -44,7 +54,8 @@ import msgpack
 
 from swarm.key import SwarmKey
 from swarm.transport.tcp import addresses
-from swarm.transport.tcp.channel import HANDSHAKE_TIMEOUT, MAX_FRAME, Channel, ChannelError, TlsContexts, accept, dial
+from swarm.transport.tcp.channel import (HANDSHAKE_TIMEOUT, MAX_FRAME, REUSEPORT, Channel, ChannelError, Collision,
+                                         TlsContexts, accept, dial)
 from swarm.transport.tcp.identity import Identity
 from swarm.transport.tcp.loop import LoopThread
 from swarm.transport.tcp.peer import IDLE_TIMEOUT, Peer, parse_records
@@ -84,10 +95,12 @@ class TcpNode:
                  initial_peers: list[str] | None = None, swarm_key: SwarmKey | None = None,
                  announce: list[str] | None = None, limits: Limits = Limits(), max_frame: int = MAX_FRAME,
                  max_dialed: int = 8, max_connections: int = 256, clock: Callable[[], float] = time.time,
-                 startup_timeout: float = 15.0) -> None:
+                 startup_timeout: float = 15.0, dial_from_listen: bool = False) -> None:
         self.identity, self.peer_id = identity, identity.peer_id
         self.swarm_key, self.max_frame, self.clock = swarm_key, max_frame, clock
         self.max_dialed, self.max_connections = max_dialed, max_connections
+        self.dial_from_listen = dial_from_listen and REUSEPORT
+        self._local: tuple[str, int] | None = None  # where to dial from (`dial_from_listen`), once listening
         self.store = RecordStore(limits, clock)
         self.initial = [addresses.parse(a) for a in initial_peers or []]  # ValueError for a bad one, before any socket
         self._announce = [self._own_address(a) for a in announce or []]
@@ -158,7 +171,7 @@ class TcpNode:
             listed = msgpack.unpackb(rec.value, raw=False) if rec is not None else []
         except Exception:
             listed = []
-        errors = []
+        errors, collided = [], []
         for text in listed[:MAX_ADDRS] if isinstance(listed, list) else []:
             try:
                 addr = addresses.parse(text)
@@ -166,6 +179,15 @@ class TcpNode:
                 continue
             if addr.peer_id != peer_id:
                 continue
+            try:  # from the listen port: another address of the peer when this 4-tuple is taken (see the docstring)
+                return await dial(addr.host, addr.port, peer_id, self.identity, self._tls, self.swarm_key,
+                                  timeout=timeout, max_frame=self.max_frame, service=name, local=self._local,
+                                  strict_local=True)
+            except Collision:
+                collided.append(addr)
+            except ChannelError as e:
+                errors.append(str(e))
+        for addr in collided[:1]:  # every address collided: from an ephemeral port
             try:
                 return await dial(addr.host, addr.port, peer_id, self.identity, self._tls, self.swarm_key,
                                   timeout=timeout, max_frame=self.max_frame, service=name)
@@ -192,8 +214,11 @@ class TcpNode:
 
     async def _start(self, host: str, port: int) -> None:
         self._server = await asyncio.start_server(self._on_inbound, host, port, ssl=self._tls.server,
-                                                  ssl_handshake_timeout=HANDSHAKE_TIMEOUT)
+                                                  ssl_handshake_timeout=HANDSHAKE_TIMEOUT,
+                                                  reuse_port=True if self.dial_from_listen else None)
         port = self._server.sockets[0].getsockname()[1]
+        if self.dial_from_listen and len(self._server.sockets) == 1:
+            self._local = self._server.sockets[0].getsockname()[:2]
         self._addrs = self._announce or [addresses.format_address(_dialable_host(host), port, self.peer_id)]
         self._addrs_due = 0.0
         self._refresh_addrs()
@@ -279,7 +304,7 @@ class TcpNode:
         key = str(addr)
         try:
             ch = await dial(addr.host, addr.port, addr.peer_id, self.identity, self._tls, self.swarm_key,
-                            max_frame=self.max_frame)
+                            max_frame=self.max_frame, local=self._local)
         except ChannelError:
             self._failed[key] = self.clock()
             raise

@@ -48,6 +48,7 @@ class TcpTransport:
             raise SwarmError(str(e)) from None
         self.swarm_key = swarm_key
         try:
+            node_options.setdefault("dial_from_listen", bool(announce))  # a relay/NAT in front: dial from the listen port
             self.node = TcpNode(me, host=host, port=port, initial_peers=initial_peers, swarm_key=swarm_key,
                                 announce=announce, limits=limits, clock=self.now, **node_options)
         except ValueError as e:  # a bad address in --initial-peers or --announce
