@@ -145,3 +145,14 @@ def metrics(path: Path) -> list[dict]:
     from swarm.metrics import read_metrics
 
     return read_metrics(path)
+
+
+def wait_for(predicate, timeout: float = 10.0, what: str = "condition"):
+    """predicate()'s first truthy value, polled every 20 ms; AssertionError naming `what` after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError(f"{what} not met within {timeout}s")

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import wait_for
 from swarm.averaging import attribute, clip_by_norm, decode, encode, new_salt
 from swarm.transport.base import ABANDONED, TransportError
 from swarm.transport.tcp import allreduce as allreduce_module
@@ -30,16 +31,6 @@ ROOT = Path(__file__).resolve().parent.parent
 LOCAL = "127.0.0.1"
 CLIP = 1.0
 VALUES = 3000
-
-
-def wait_for(predicate, timeout: float = 10.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"{what} not met within {timeout}s")
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ import time
 import numpy as np
 import pytest
 
+from conftest import wait_for
 from swarm.key import SwarmKey
 from swarm.transport.base import Record
 from swarm.transport.tcp import state as st
@@ -20,16 +21,6 @@ from swarm.transport.tcp.transport import TcpTransport
 
 LOCAL = "127.0.0.1"
 CHUNK = 64 << 10
-
-
-def wait_for(predicate, timeout: float = 10.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"{what} not met within {timeout}s")
 
 
 def make_state(round_: int, floats: int = 100_000, seed: int = 0):

@@ -21,6 +21,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import wait_for
 from swarm import SwarmError
 from swarm.key import SwarmKey
 from swarm.transport.tcp import addresses
@@ -31,16 +32,6 @@ from swarm.transport.tcp.transport import TcpTransport
 
 ROOT = Path(__file__).resolve().parent.parent
 LOCAL = "127.0.0.1"
-
-
-def wait_for(predicate, timeout: float = 10.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"{what} not met within {timeout}s")
 
 
 @pytest.fixture
