@@ -1,8 +1,9 @@
 """The transport interface: membership records, averaging, and state download.
 
 Implementations: `hivemind_dht.HivemindTransport` (libp2p via hivemind) and `tcp.transport.TcpTransport`
-(libp2p-free: TLS channels, gossip records, its own exact butterfly all-reduce and state download); `factory.make_transport` builds the one `--transport` names. An
-in-memory one for unit tests can sit beside them: the training loop sees only this.
+(libp2p-free: TLS channels, gossip records, its own exact butterfly all-reduce and state download);
+`factory.make_transport` builds the one `--transport` names. An in-memory one for unit tests can sit
+beside them: the training loop sees only this.
 """
 
 from __future__ import annotations
