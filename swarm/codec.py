@@ -153,8 +153,10 @@ class Int8Contribution:
         """The vector (exact codec layout) of q = round(x / 2^E) with the group's exponents; sets `residual`."""
         shared = np.asarray(shared, dtype=np.int8)
         blocks = blocks_of(len(self.target))
-        if len(shared) != blocks or np.any((shared != ZERO) & (shared < self.exponents)):
-            raise AveragingError("the group's scales do not cover this peer's own")  # not reached: a max of its own
+        if len(shared) != blocks:
+            raise AveragingError(f"{len(shared)} shared scales for {blocks} blocks")
+        # the group's scales are at least this peer's own unless the group refused its announcement: then values
+        # saturate at +-127 (a block scaled ZERO sends nothing) and the residual keeps the rest
         step = np.repeat(steps(shared), CHECK_EVERY)[:len(self.target)]
         safe = np.where(step > 0, step, 1.0)
         q = np.where(step > 0, np.clip(np.rint(self.target / safe), -QMAX, QMAX), 0.0)
