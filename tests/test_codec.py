@@ -179,3 +179,47 @@ def test_config_fingerprint_and_transport():
     assert "--transport tcp" in transport_refusal("int8", "hivemind")
     with pytest.raises(Exception):
         RunConfig.model_validate({"averaging": {"codec": "int4"}})
+
+
+def _int8_config(tmp_path):
+    from pathlib import Path
+
+    tiny = (Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml").read_text()
+    path = tmp_path / "int8.yaml"
+    path.write_text(tiny.replace("name: tiny", "name: tiny-int8") + "averaging:\n  codec: int8\n")
+    return path
+
+
+def test_int8_over_hivemind_is_one_line_before_joining(tmp_path):
+    from conftest import run_cli
+
+    res = run_cli("swarm.join", "--config", str(_int8_config(tmp_path)), "--output", str(tmp_path / "out"), timeout=60)
+    assert res.returncode == 2, res.stdout + res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--transport tcp" in lines[0] and "Traceback" not in res.stderr, res.stderr
+
+
+@pytest.mark.slow
+def test_two_tcp_peers_train_with_int8_and_end_identical(tmp_path):
+    import json
+
+    from conftest import metrics, run_cli
+    from swarm.averaging import vector_size
+
+    out = tmp_path / "bed"
+    res = run_cli("swarm.testbed", "--peers", "2", "--max-rounds", "3", "--output", str(out), "--transport", "tcp",
+                  "--config", str(_int8_config(tmp_path)), timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["ok"] and summary["all_adapters_identical"]
+    rows = [metrics(out / f"peer{k}" / "metrics.jsonl") for k in range(2)]
+    assert [m["round"] for m in rows[0]] == [1, 2, 3] == [m["round"] for m in rows[1]]
+    for a, b in zip(*rows):
+        assert a["adapter_sha256"] == b["adapter_sha256"] and a["group_size"] == b["group_size"] == 2
+        assert a["bytes_sent"] == b["bytes_received"] and a["bytes_received"] == b["bytes_sent"]  # one link, both ends
+    import re
+
+    params = int(re.search(r"(\d+) LoRA params", (out / "peer0" / "log.txt").read_text()).group(1))
+    exact = 8 * vector_size(params)  # sent by each of 2 peers: float64, half the vector as parts, half as averages
+    for m in rows[0]:
+        assert 0.15 < (m["bytes_sent"] + m["bytes_received"]) / (2 * exact) <= 0.25
