@@ -113,13 +113,9 @@ def data_values(vector: np.ndarray, values: int) -> np.ndarray:
     return np.asarray(vector[:-1]).reshape(-1, CHECK_EVERY + 1)[:, :CHECK_EVERY].reshape(-1)[:values]
 
 
-def decode(averaged: np.ndarray, group_size: int, clip_norm: float, values: int | None = None,
-           salt_sum: int | None = None) -> Averaged:
-    """Recover the exact integer sum from an equal-weight average and check it is sound.
-
-    `values` = how many gradient values were encoded (default: all but padding is assumed zero);
-    `salt_sum` = the sum of the group's announced salts (None: check lanes are only checked to agree).
-    """
+def exact_sum(averaged: np.ndarray, group_size: int, salt_sum: int | None = None) -> tuple[np.ndarray, int]:
+    """The exact integer sum behind an equal-weight average, checked (whatever the codec): (its data integers,
+    padding included, float64; the group's token count). AveragingError if it is not a sound, whole sum."""
     if not 1 <= group_size <= MAX_GROUP_SIZE:
         raise AveragingError(f"group size {group_size} outside 1..{MAX_GROUP_SIZE}")
     s = np.asarray(averaged, dtype=np.float64) * group_size
@@ -140,7 +136,17 @@ def decode(averaged: np.ndarray, group_size: int, clip_norm: float, values: int 
     tokens = int(exact[-1])
     if not 0 < tokens <= group_size * MAX_TOKENS_PER_PEER:
         raise AveragingError(f"group trained {tokens} tokens: nothing to apply")
-    data = lanes[:, :CHECK_EVERY].reshape(-1)
+    return lanes[:, :CHECK_EVERY].reshape(-1), tokens
+
+
+def decode(averaged: np.ndarray, group_size: int, clip_norm: float, values: int | None = None,
+           salt_sum: int | None = None) -> Averaged:
+    """Recover the exact integer sum from an equal-weight average and check it is sound.
+
+    `values` = how many gradient values were encoded (default: all but padding is assumed zero);
+    `salt_sum` = the sum of the group's announced salts (None: check lanes are only checked to agree).
+    """
+    data, tokens = exact_sum(averaged, group_size, salt_sum)
     if values is not None:
         data = data[:values]
     mean = data / float(tokens) / 2.0 ** frac_bits(clip_norm)

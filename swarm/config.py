@@ -133,6 +133,11 @@ class AveragingConfig(_Strict):
     max_norm_ratio: float | None = Field(
         10.0, gt=1, description="reject a contribution whose gradient norm exceeds this multiple of the group's median "
         "(groups of 3 or more; None: only the clip bound train.max_grad_norm applies)")
+    codec: Literal["exact", "int8"] = Field(
+        "exact", description="how contributions travel (swarm.codec): exact = float64 fixed point, 8 bytes a value each "
+        "way; int8 = int8 values with per-block power-of-two scales shared by the group and error feedback, int16 sums "
+        "back (about a fifth of the bytes), still summed exactly so every peer applies the same bits. int8 needs "
+        "--transport tcp. Every peer of a run uses the same codec (part of the fingerprint when not exact)")
 
 
 class RunConfig(_Strict):
@@ -146,7 +151,8 @@ class RunConfig(_Strict):
     averaging: AveragingConfig = Field(default_factory=AveragingConfig)
 
     def fingerprint(self) -> str:
-        """Hash of what must match across peers (model choice, adapter shape, optimizer; the dataset when named by hash)."""
+        """Hash of what must match across peers (model choice, adapter shape, optimizer, a non-default averaging
+        codec; the dataset when named by hash)."""
         # the base precision is per peer (swarm.precision): the allowed list is not part of what must match
         local = {"local_steps", "outer_lr", "outer_momentum", "lora_factor"}
         agreed = self.model_dump(mode="json", exclude={"averaging": True, "data": True, "train": {"precisions", *local}})
@@ -161,6 +167,8 @@ class RunConfig(_Strict):
         t = self.train
         if t.local_steps != 1:  # local-steps mode (an H=1 run's fingerprint is what it was before the mode existed)
             agreed["local"] = {k: getattr(t, k) for k in sorted(local)}
+        if self.averaging.codec != "exact":  # how peers sum must match (an exact run's fingerprint is what it was)
+            agreed["codec"] = self.averaging.codec
         return hashlib.sha256(json.dumps(agreed, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -20,6 +20,7 @@ from swarm.agreement import commit_blocker, round_one_started_without, round_one
 from swarm.averaging import new_salt
 from swarm.backends.base import TrainResult
 from swarm.checkpoint import TrainingState
+from swarm.codec import transport_refusal
 from swarm.config import load_config
 from swarm.datasets import local_data
 from swarm.local_steps import LocalSteps, averaging_clip, shared_optimizer
@@ -66,6 +67,8 @@ class Peer(StateSync):
         self.config = load_config(str(settings.config)) if settings.config else None
         if self.config is not None and self.config.data.private:  # fail fast, before the network: it needs --data
             local_data(self.config, self.data, from_network=False)
+        if self.config is not None and (why := transport_refusal(self.config.averaging.codec, settings.transport)):
+            raise SwarmError(why)  # before the network (a run from the network: the transport's open_averaging says it)
         self.hw = detect(memory_limit_gb=settings.memory_limit)
         if settings.memory_limit is not None:  # memory is the constraint: make resident memory match the estimate
             from swarm.hardware import tune_allocator
@@ -96,6 +99,7 @@ class Peer(StateSync):
         self.advert_seen: dict[str, float] = {}
         self.heard: dict[str, tuple[float, float]] = {}  # peer -> (its advert's timestamp, our monotonic time it changed)
         self.strikes: dict[str, int] = {}
+        self.residual = None                # int8 codec: error feedback of the last committed round (swarm.codec)
         from swarm.precision import PrecisionSettings
 
         self.precision = PrecisionSettings()  # swarm.join sets the peer's own from --precision
@@ -144,7 +148,7 @@ class Peer(StateSync):
                                       allreduce_timeout=self.run.averaging.allreduce_timeout,
                                       chunk_timeout=self.run.averaging.chunk_timeout,
                                       clip_norm=averaging_clip(self.run.train, self.vector_size),
-                                      max_norm_ratio=self.run.averaging.max_norm_ratio)
+                                      max_norm_ratio=self.run.averaging.max_norm_ratio, codec=self.run.averaging.codec)
         self.transport.serve_state(self._serve_state)
         self.metrics = MetricsFile(self.out / "metrics.jsonl")
 
@@ -511,7 +515,8 @@ class Peer(StateSync):
                                     wait_until=wait_until, speed=self.last_speed,
                                     quotas={t.peer_id: t.quota_tokens for t in plan.tasks},
                                     max_tokens=self.run.train.tokens_per_round, abandon=abandon,
-                                    lineage=self.state.lineage, salt=salt, extra={"eval": self.eval_part})
+                                    lineage=self.state.lineage, salt=salt, extra={"eval": self.eval_part},
+                                    codec=self.run.averaging.codec, residual=self.residual)
             if outcome.offenders:
                 self.exclude(outcome.offenders, rnd)
             absent |= set(outcome.absent) - {self.me}
@@ -567,6 +572,7 @@ class Peer(StateSync):
         momentum = self.local.commit(self.backend, self.state.adapter, outcome.mean_grads, self.state.momentum) \
             if self.local else self.backend.apply_update(outcome.mean_grads)  # local steps: the outer step (DiLoCo)
         self.last_group = list(outcome.members)
+        self.residual = outcome.residual  # int8 codec: what this peer still owes the sum, kept only with the round
         # the same update on every member, from the same shared numbers: they plan the next round alike
         speeds = shared_pace(self.state.speeds, outcome.speeds)
         state = self._hold(self.state.successor(round_=rnd, adapter=self.backend.get_adapter(),

@@ -17,6 +17,7 @@ import numpy as np
 from swarm.averaging import (MAX_TOKENS_PER_PEER, AveragingError, attribute, checksum, clip_by_norm, data_values, decode,
                              encode, flatten, new_salt, unflatten)
 from swarm.backends.base import TrainResult
+from swarm.codec import Int8Contribution, decode_int8
 from swarm.transport.base import Transport, TransportError
 
 
@@ -82,13 +83,15 @@ class RoundOutcome:
     gathered: dict[str, dict] = field(default_factory=dict)  # every member's announcement (the same on every member)
     bytes_sent: int = 0                       # this peer's averaging traffic in the round, framing included
     bytes_received: int = 0
+    residual: np.ndarray | None = None        # int8 codec: this peer's error feedback after the round (keep it on commit)
 
 
 def average_round(transport: Transport, train: TrainResult, *, names: list[str], shapes: dict[str, tuple[int, ...]],
                   round_: int, plan_id: str, group_size: int, clip_norm: float, timeout: float,
                   run: str, wait_until: float | None = None, speed: float = 0.0,
                   quotas: dict[str, int] | None = None, max_tokens: int = MAX_TOKENS_PER_PEER,
-                  lineage: str, abandon=None, salt: int | None = None, extra: dict | None = None) -> RoundOutcome:
+                  lineage: str, abandon=None, salt: int | None = None, extra: dict | None = None,
+                  codec: str = "exact", residual: np.ndarray | None = None) -> RoundOutcome:
     """All-reduce this peer's clipped, token-weighted gradient with the group; validate everything.
 
     `quotas`: each peer's token quota in plan `plan_id` (a member of the same plan claiming more
@@ -102,20 +105,28 @@ def average_round(transport: Transport, train: TrainResult, *, names: list[str],
     announcement of that attempt: with one salt per round, the parts of the next attempt match it,
     and an honest peer is never rejected for "check lanes that do not carry the salt it announced".
     `extra`: more fields for this peer's announcement (e.g. its held-out eval part, swarm.evaluation); every
-    member gets every member's back in `outcome.gathered`."""
+    member gets every member's back in `outcome.gathered`.
+    `codec`: `averaging.codec` (swarm.codec); with int8, `residual` is this peer's error feedback from its last
+    committed round, and the new one is `outcome.residual`, for the caller to keep only if it commits."""
     values = sum(int(np.prod(shapes[n])) for n in names)
     salt = salt if salt is not None else new_salt()
     try:
         flat = flatten(train.grads, names) if train.tokens else np.zeros(values)
         norm = min(clip_by_norm(flat, clip_norm)[1], clip_norm)
-        vector = encode(flat, train.tokens, clip_norm, salt)
+        if codec == "int8":  # encoded once the group's shared scales are known (swarm.codec)
+            int8 = Int8Contribution.make(flat, train.tokens, clip_norm, salt, residual)
+            vector, announce = int8, int8.announce()
+        else:
+            int8, vector, announce = None, encode(flat, train.tokens, clip_norm, salt), {}
     except AveragingError as e:
         return RoundOutcome(ok=False, reason=f"not contributing: {e}")
-    mine = checksum(data_values(vector, values))
+    mine = checksum(data_values(vector, values)) if int8 is None else None
     gather = {**(extra or {}), "peer": transport.peer_id, "round": round_, "tokens": train.tokens, "loss_sum": float(train.loss_sum),
               "plan": plan_id, "salt": salt, "norm": float(norm), "seconds": float(train.seconds), "speed": float(speed),
-              "arrived": float(transport.now()), "lineage": lineage}
+              "arrived": float(transport.now()), "lineage": lineage, **announce}
     if group_size <= 1:
+        if int8 is not None:
+            vector = int8.encode(int8.exponents)
         result_vec, gathered, seconds, traffic = vector, {transport.peer_id: gather}, 0.0, {}
     else:
         try:
@@ -126,6 +137,10 @@ def average_round(transport: Transport, train: TrainResult, *, names: list[str],
             return RoundOutcome(ok=False, reason=str(e), contribution_checksum=mine)
         result_vec, gathered, seconds = res.vector, res.gathered, res.seconds
         traffic = {"bytes_sent": res.bytes_sent, "bytes_received": res.bytes_received}
+        if int8 is not None:
+            vector = int8.vector  # what this peer sent, in the exact codec's layout
+    if int8 is not None:
+        mine = checksum(data_values(vector, values))
     members, tokens, loss, salts, slowest, speeds, arrivals = [], 0, 0.0, 0, 0.0, {}, []
     for peer, g in sorted(gathered.items()):
         if not isinstance(g, dict) or g.get("peer") != peer or g.get("round") != round_ \
@@ -156,7 +171,8 @@ def average_round(transport: Transport, train: TrainResult, *, names: list[str],
         if isinstance(g.get("speed"), float) and math.isfinite(g["speed"]) and 0 < g["speed"] < 1e9:
             speeds[str(g.get("peer"))] = g["speed"]
     try:
-        avg = decode(result_vec, len(gathered), clip_norm, values=values, salt_sum=salts)
+        avg = decode(result_vec, len(gathered), clip_norm, values=values, salt_sum=salts) if int8 is None else \
+            decode_int8(result_vec, len(gathered), int8.shared, clip_norm, values=values, salt_sum=salts)
     except AveragingError as e:
         return _explain(e, result_vec, members, gathered, transport.peer_id, res.rejections if group_size > 1 else {}, mine)
     if avg.tokens != tokens:
@@ -178,6 +194,7 @@ def average_round(transport: Transport, train: TrainResult, *, names: list[str],
                         reduce_seconds=seconds, slowest_seconds=slowest, speeds=speeds,
                         barrier_wait=max(0.0, min(max(arrivals, default=0.0) - gather["arrived"], seconds)),
                         contribution_checksum=mine, sum_checksum=avg.checksum, grad_norm=norm, **traffic,
+                        residual=int8.residual if int8 is not None else None,
                         gathered={p: g for p, g in gathered.items() if p in members})
 
 

@@ -63,7 +63,9 @@ class Transport(Protocol):
         missing members until `wait_until` (swarm time), at once when `group_size` are there. While no
         group has formed yet, `abandon()` is asked every second: a reason it returns ends the attempt
         (TransportError) without waiting for the deadline. `allowed`: the only peers that may be in the group
-        (this round's plan; each must announce `gather["plan"]`): others are refused before any part moves."""
+        (this round's plan; each must announce `gather["plan"]`): others are refused before any part moves.
+        `vector` may instead be a `swarm.codec.Int8Contribution` (averaging.codec int8; tcp only): it is encoded
+        with the group's shared scales once the group forms, and the result is read as an exact-codec average."""
 
     def reducing(self) -> bool:
         """Whether an all-reduce's group has formed and is exchanging parts right now."""

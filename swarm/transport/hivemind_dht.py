@@ -156,7 +156,13 @@ class HivemindTransport:
             raise SwarmError(f"could not start the DHT on {host}:{port}: {msg}") from None
 
     def open_averaging(self, *, run: str, vector_size: int, matchmaking_time: float, allreduce_timeout: float,
-                       clip_norm: float = 1.0, max_norm_ratio: float | None = None, chunk_timeout: float = 5.0) -> None:
+                       clip_norm: float = 1.0, max_norm_ratio: float | None = None, chunk_timeout: float = 5.0,
+                       codec: str = "exact") -> None:
+        from swarm.codec import transport_refusal
+
+        why = transport_refusal(codec, "hivemind")
+        if why:
+            raise SwarmError(why)
         self._averager = SwarmAverager(
             [torch.zeros(vector_size, dtype=torch.float64)], self.dht, start=False, prefix=f"{run}_avg",
             target_group_size=2, min_group_size=2, min_matchmaking_time=matchmaking_time,

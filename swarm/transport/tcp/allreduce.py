@@ -24,6 +24,11 @@ the whole exchange over `timeout`) raises `ExchangeError`; the caller then close
 of the group, so every other member fails too. No member returns a vector unless it received every
 span whole. Frames are capped per connection (`frame_cap`) once the group has formed: a larger one
 disconnects its sender.
+
+Codec: the bytes of "part" and "avg" are the wire of `averaging.codec` (`swarm.codec`): float64 values and
+float64 averages for exact (as above); for int8, int8 data + int64 check lanes out, and the reducer's integer
+*sums* back (int16 data + int64 lanes), which every member turns into the same float64 average. The vetting,
+markers, chunking and failure rules are the same for both.
 """
 
 from __future__ import annotations
@@ -37,7 +42,8 @@ from dataclasses import dataclass, field
 import msgpack
 import numpy as np
 
-from swarm.averaging import Expect, check_part, marker_part
+from swarm.averaging import Expect, marker_part
+from swarm.codec import ExactWire
 from swarm.transport.tcp.channel import Channel, ChannelError
 
 __all__ = ["Exchange", "ExchangeError", "Meter", "CHUNK_VALUES", "spans", "frame_cap"]
@@ -103,8 +109,10 @@ class Exchange:
     """One member's side of the butterfly. `channels`: a connection to every other member, by peer id."""
 
     def __init__(self, vector: np.ndarray, members: list[str], me: str, channels: dict[str, Channel],
-                 expects: list[Expect | None], meter: Meter, chunk_timeout: float, timeout: float) -> None:
+                 expects: list[Expect | None], meter: Meter, chunk_timeout: float, timeout: float,
+                 wire: ExactWire | None = None) -> None:
         self.vector, self.members, self.me = vector, members, me
+        self.wire = wire if wire is not None else ExactWire(expects)  # the codec's bytes (swarm.codec)
         self.n, self.i = len(members), members.index(me)
         self.total = len(vector)
         self.channels, self.expects, self.meter = channels, expects, meter
@@ -118,7 +126,6 @@ class Exchange:
         for k, (a, b) in enumerate(self.mine):
             self.parts[k][self.i] = vector[a:b]
         self.reduced = 0
-        self.sumsq = [0.0] * self.n
         self.rejected: dict[int, str] = {}
         # what each other member still owes this one
         self.next_part = [0] * self.n
@@ -136,12 +143,9 @@ class Exchange:
         if reason is None:
             part = raw
             if isinstance(raw, bytes):
-                if len(raw) != (b - a) * 8:
-                    reason = f"it sent a part of {len(raw)} bytes, expected float64 x {b - a} ({(b - a) * 8} bytes)"
-                else:
-                    part = np.frombuffer(raw, dtype="<f8")
+                part, reason = self.wire.open_part(raw, a, b, self.total)
             if reason is None:
-                reason, self.sumsq[sender] = check_part(part, a, self.total, self.expects[sender], self.sumsq[sender])
+                reason = self.wire.check(sender, part, a, self.total)
             if reason is not None:
                 self.rejected[sender] = reason
                 log.warning("rejected the contribution of %s (part %d): %s", self.members[sender], k, reason)
@@ -157,9 +161,8 @@ class Exchange:
             acc = np.zeros(b - a, dtype=np.float64)
             for sender in range(self.n):  # fixed order: member order
                 acc += self._vet(sender, k, self.parts[k][sender])
-            acc /= float(self.n)
-            data = acc.astype("<f8", copy=False).tobytes()
-            self.result[a:b] = np.frombuffer(data, dtype="<f8")  # the very bytes every member gets
+            data = self.wire.pack_result(acc, a, self.total, self.n)
+            self.result[a:b] = self.wire.open_result(data, a, b, self.total, self.n)  # the very bytes every member gets
             self.parts[k] = []
             self.reduced += 1
             self._post({"t": "avg", "c": k, "d": data})
@@ -187,7 +190,7 @@ class Exchange:
                     parts_left = False
                     continue
                 k, (a, b) = nxt
-                msg = {"t": "part", "c": k, "d": self.vector[a:b].astype("<f8", copy=False).tobytes()}
+                msg = {"t": "part", "c": k, "d": self.wire.pack_part(self.vector[a:b], a, self.total)}
             elif getattr(self, "_done_posted", False):
                 return  # "done" was the last thing queued, and it went
             else:
@@ -219,9 +222,11 @@ class Exchange:
                 if k != self.next_avg[j] or k >= len(theirs) or not isinstance(data, bytes):
                     raise ExchangeError(f"member {name} sent averaged chunk {k!r} out of order")
                 a, b = theirs[k]
-                if len(data) != (b - a) * 8:
-                    raise ExchangeError(f"member {name} sent an averaged chunk of {len(data)} bytes, expected {(b - a) * 8}")
-                self.result[a:b] = np.frombuffer(data, dtype="<f8")
+                got = self.wire.open_result(data, a, b, self.total, self.n)
+                if got is None:
+                    raise ExchangeError(f"member {name} sent an averaged chunk of {len(data)} bytes, expected "
+                                        f"{self.wire.result_bytes(a, b, self.total)}")
+                self.result[a:b] = got
                 self.next_avg[j] += 1
             elif t == "done":
                 rej = msg.get("rej")

@@ -47,7 +47,8 @@ from typing import Any, Callable
 import msgpack
 import numpy as np
 
-from swarm.averaging import expectations
+from swarm.averaging import AveragingError, expectations
+from swarm.codec import CODECS, open_group
 from swarm.key import SwarmKey
 from swarm.transport.base import ABANDONED, ReduceResult, TransportError
 from swarm.transport.tcp.allreduce import Exchange, ExchangeError, Meter, frame_bytes, frame_cap, spans
@@ -122,7 +123,8 @@ class Group:
 class Attempt:
     key: str
     size: int                   # group_size
-    vector: np.ndarray
+    vector: Any                 # np.ndarray (exact codec), or an `Int8Contribution` encoded once the group forms
+    length: int                 # the vector's length (announced in the signed gather)
     gather: Any
     wrapper: dict
     wait_until: float           # swarm time: close the group with whoever is there
@@ -158,15 +160,19 @@ class Averager:
         self.me = identity.peer_id
         self.banned: frozenset[str] = frozenset()
         self.clip_norm, self.max_norm_ratio, self.chunk_timeout = 1.0, None, 5.0
+        self.codec = "exact"
         self.vector_size: int | None = None
         self.attempt: Attempt | None = None
         self.traffic = (0, 0)            # (sent, received) not yet reported in a ReduceResult
         self._expirations: dict[str, float] = {}
         node.register_service(SERVICE, self._on_channel)
 
-    def configure(self, *, vector_size: int, clip_norm: float, max_norm_ratio: float | None, chunk_timeout: float) -> None:
-        self.vector_size, self.clip_norm, self.max_norm_ratio, self.chunk_timeout = \
-            vector_size, clip_norm, max_norm_ratio, chunk_timeout
+    def configure(self, *, vector_size: int, clip_norm: float, max_norm_ratio: float | None, chunk_timeout: float,
+                  codec: str = "exact") -> None:
+        if codec not in CODECS:
+            raise ValueError(f"averaging codec {codec!r} is not one of {', '.join(CODECS)}")
+        self.vector_size, self.clip_norm, self.max_norm_ratio, self.chunk_timeout, self.codec = \
+            vector_size, clip_norm, max_norm_ratio, chunk_timeout, codec
 
     def reducing(self) -> bool:
         a = self.attempt
@@ -177,19 +183,23 @@ class Averager:
                    wait_until: float | None = None, abandon: Callable[[], str | None] | None = None,
                    allowed: set[str] | None = None) -> ReduceResult:
         start = time.perf_counter()
-        vec = np.array(vector, dtype=np.float64).reshape(-1)  # a copy: the caller may reuse its array
-        if vector is None or not len(vec):
+        if hasattr(vector, "encode") and hasattr(vector, "size"):  # an int8 contribution (swarm.codec)
+            vec, length = vector, int(vector.size)
+        else:
+            vec = np.array(vector, dtype=np.float64).reshape(-1)  # a copy: the caller may reuse its array
+            length = len(vec)
+        if vector is None or not length:
             raise TransportError("all-reduce failed: nothing to average (an empty vector)")
-        if self.vector_size is not None and len(vec) != self.vector_size:
-            raise TransportError(f"all-reduce failed: a vector of {len(vec)} values, averaging was opened for {self.vector_size}")
+        if self.vector_size is not None and length != self.vector_size:
+            raise TransportError(f"all-reduce failed: a vector of {length} values, averaging was opened for {self.vector_size}")
         now = self.clock()
         scheduled = max(wait_until or 0.0, now + 0.5)
         give_up = now + max(timeout, scheduled - now + 1.0)
         try:
-            wrapper = sign_gather(self.identity, self.swarm_key, group_key, len(vec), gather)
+            wrapper = sign_gather(self.identity, self.swarm_key, group_key, length, gather)
         except (TypeError, ValueError) as e:
             raise TransportError(f"all-reduce failed: the gather does not encode: {e}") from None
-        a = Attempt(key=group_key, size=max(2, min(int(group_size), MAX_GROUP)), vector=vec, wrapper=wrapper,
+        a = Attempt(key=group_key, size=max(2, min(int(group_size), MAX_GROUP)), vector=vec, length=length, wrapper=wrapper,
                     gather=msgpack.unpackb(wrapper["b"], raw=False, strict_map_key=False),  # as the others read it
                     wait_until=scheduled, give_up=give_up, timeout=timeout,
                     allowed=None if allowed is None else set(allowed) | {self.me})
@@ -227,7 +237,7 @@ class Averager:
             self.traffic = (self.traffic[0] + a.meter.sent, self.traffic[1] + a.meter.received)
         (sent, received), self.traffic = self.traffic, (0, 0)
         g = a.group
-        bounds = dict(zip(g.members, spans(len(vec), len(g.members))))
+        bounds = dict(zip(g.members, spans(length, len(g.members))))
         return ReduceResult(vector=vector_out, gathered=dict(zip(g.members, g.gathers)), seconds=time.perf_counter() - start,
                             rejections=rejections, bytes_sent=sent, bytes_received=received, spans=bounds, leader=g.members[0])
 
@@ -269,8 +279,14 @@ class Averager:
                     # asyncio's StreamReader pauses the socket at 2 x its limit (64 KiB by default): a 1 MiB part
                     # would stop and restart reading several times; the frame cap still bounds what is buffered
                     reader._limit = READ_BUFFER
-            expects = expectations([x if isinstance(x, dict) else {} for x in g.gathers], self.clip_norm, self.max_norm_ratio)
-            exchange = Exchange(a.vector, g.members, self.me, channels, expects, a.meter, self.chunk_timeout, a.timeout)
+            gathers = [x if isinstance(x, dict) else {} for x in g.gathers]
+            expects = expectations(gathers, self.clip_norm, self.max_norm_ratio)
+            try:  # the int8 codec encodes only now, with the group's shared scales
+                vector, wire = open_group(self.codec, a.vector, gathers, expects)
+            except AveragingError as e:
+                raise TransportError(f"all-reduce failed: {e}") from None
+            exchange = Exchange(vector, g.members, self.me, channels, wire.expects, a.meter, self.chunk_timeout,
+                                a.timeout, wire=wire)
             try:
                 return await exchange.run()
             except ExchangeError as e:
@@ -349,8 +365,8 @@ class Averager:
         if opened is None:
             return "its gather is not signed for this group", False
         gather, size = opened
-        if size != len(a.vector):
-            return f"it averages {size} values, this peer {len(a.vector)}", False
+        if size != a.length:
+            return f"it averages {size} values, this peer {a.length}", False
         if a.allowed is not None and (not isinstance(gather, dict) or gather.get("plan") != a.plan):
             return "it names another plan", False
         if len([j for j in a.joiners if j != pid]) + 1 >= a.size:
@@ -513,7 +529,7 @@ class Averager:
         gathers, forged = [], []
         for pid, w in zip(members, wrappers):
             opened = open_gather(w, pid, a.key, self.swarm_key)
-            if opened is None or opened[1] != len(a.vector) or (pid == self.me and w != a.wrapper):
+            if opened is None or opened[1] != a.length or (pid == self.me and w != a.wrapper):
                 forged.append(pid)
                 gathers.append(None)
             else:

@@ -97,12 +97,14 @@ class TcpTransport:
 
     # --- averaging (swarm/transport/tcp/group.py, allreduce.py) ------------------------------------
     def open_averaging(self, *, run: str, vector_size: int, matchmaking_time: float = 5.0, allreduce_timeout: float = 60.0,
-                       clip_norm: float = 1.0, max_norm_ratio: float | None = None, chunk_timeout: float = 5.0) -> None:
-        """The reducers' checks (clip bound, norm ratio), the vector length and the stall limit of every all-reduce;
+                       clip_norm: float = 1.0, max_norm_ratio: float | None = None, chunk_timeout: float = 5.0,
+                       codec: str = "exact") -> None:
+        """The reducers' checks (clip bound, norm ratio), the vector length, the wire codec (`averaging.codec`,
+        swarm.codec: with int8, `all_reduce` takes an `Int8Contribution`) and the stall limit of every all-reduce;
         the state announcements of this run, and the state's size cap."""
         self._state.open(run, vector_size)
         self._averager.configure(vector_size=vector_size, clip_norm=clip_norm, max_norm_ratio=max_norm_ratio,
-                                 chunk_timeout=chunk_timeout)
+                                 chunk_timeout=chunk_timeout, codec=codec)
 
     def all_reduce(self, vector: np.ndarray, *, group_key: str, group_size: int, gather: Any, timeout: float,
                    wait_until: float | None = None, abandon: Callable[[], str | None] | None = None,
