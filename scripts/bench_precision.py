@@ -6,8 +6,8 @@ usage: python scripts/bench_precision.py [--hidden 768] [--layers 12] [--steps 3
 Part 1, one process per precision (fp32, bf16, nf4 when bitsandbytes is installed), each fresh so its
 peak RSS is its own: the real trainer (`swarm.backends.torch_lora.TorchLoraBackend`) loads the same
 locally generated Qwen2-family model (random weights, byte-level tokenizer) in that precision and runs
-`--steps` LoRA steps (forward, backward, AdamW on the fp32 adapter). Printed per precision: peak RSS (and, last,
-the peak reached by loading alone: converting an fp32 checkpoint maps the whole file, page cache that counts in RSS),
+`--steps` LoRA steps (forward, backward, AdamW on the fp32 adapter). Printed per precision: peak RSS (VmHWM, and,
+last, the peak reached by loading alone: the loaders convert one tensor at a time, so it stays below the step's),
 the memory model's prediction for the same shape and settings (`swarm.memory.estimate`), measured ÷
 predicted, tokens/s, and both as ratios to fp32 measured in the same run.
 

@@ -32,7 +32,11 @@ weight (the largest) is a transient buffer.
 
 Assumptions (documented here, true of swarm's torch backend): LoRA dropout 0 (no saved masks),
 fused attention (SDPA flash / memory-efficient kernels: O(seq) memory, no seq x seq matrix),
-no KV cache, the loss is cross-entropy over the full vocabulary in fp32.
+no KV cache, the loss is cross-entropy over the full vocabulary in fp32. Loading the base costs no more
+than training it: both backends read, convert and quantize the checkpoint one tensor at a time (torch:
+pread, not mmap, so a converting load does not keep the whole file resident, `swarm.backends.torch_lora.
+_from_pretrained`; mlx: lazy arrays evaluated once cast), so the load peak is the trained weights plus
+one tensor, below the step's peak, and not modelled separately.
 
 Everything is in bytes. Every function here is pure: no I/O except `ModelShape.from_dir`.
 """

@@ -70,6 +70,30 @@ def test_torch_base_in_precision_keeps_the_adapter_fp32(precision, tmp_path):
     _loads_everywhere(after, run, resolve_model_dir(run.model), tmp_path)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("sharded", [False, True])
+def test_torch_loader_reads_the_tensors_transformers_reads(dtype, sharded, tmp_path):
+    """The torch backend reads checkpoints with pread (not mmap, so a converting load does not hold the whole file
+    resident): the same values as transformers' own loader, in a single file and in shards."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from swarm.backends.torch_lora import _from_pretrained
+    from swarm.config import load_config
+    from swarm.model import resolve_model_dir
+
+    src = resolve_model_dir(load_config(TINY).model)
+    model_dir = src
+    if sharded:
+        model_dir = tmp_path / "sharded"
+        AutoModelForCausalLM.from_pretrained(str(src)).save_pretrained(str(model_dir), max_shard_size="100KB")
+        assert (model_dir / "model.safetensors.index.json").is_file()
+    ours = _from_pretrained(model_dir, {"dtype": getattr(torch, dtype)}).state_dict()
+    theirs = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=getattr(torch, dtype)).state_dict()
+    assert ours.keys() == theirs.keys()
+    assert all(ours[k].dtype == getattr(torch, dtype) and torch.equal(ours[k], theirs[k]) for k in ours)
+
+
 def _loads_everywhere(adapter, run, model_dir, tmp_path):
     """An adapter trained in any precision loads, bit for bit, with peft on the fp32 and on the bf16 base, and
     (when mlx-lm is installed) in mlx-lm on the base."""

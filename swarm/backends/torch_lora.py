@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 import warnings
 from pathlib import Path
@@ -29,12 +30,62 @@ def _quiet_transformers() -> None:
 _TORCH_DTYPE = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def _safetensors_files(model_dir: Path) -> list[Path]:
+    """The checkpoint files transformers would load: the index's shards, else model.safetensors ([] if neither)."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return []  # transformers says what is wrong
+        files = [model_dir / f for f in shards]
+        return files if all(f.is_file() for f in files) else []
+    single = model_dir / "model.safetensors"
+    return [single] if single.is_file() else []
+
+
+def _from_pretrained(model_dir: Path, kwargs: dict):
+    """`from_pretrained` that reads each checkpoint tensor with pread instead of through an mmap of the file.
+
+    Why: transformers maps every safetensors file and keeps it mapped until the whole model is loaded. When
+    the tensors are converted on the way (an fp32 checkpoint loaded as bf16, a bf16 one as fp32) or
+    quantized (nf4), every page of the file is touched and counts in the process's resident memory next to the
+    converted copies: a 131M fp32 checkpoint loaded as nf4 peaked at 1034 MB instead of 544 (measured, VmHWM),
+    and a 7B fp32 checkpoint would need its 27 GB resident to become 4 GB of nf4. Read with pread, one tensor is
+    in flight at a time and the file's bytes stay in the page cache, outside the process: the load peaks at the
+    model as it will train, plus one tensor (what swarm.memory predicts). Same tensors, same values; checkpoints
+    that are not safetensors, and configs without a transformers class, load the ordinary way."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    import transformers
+    from safetensors import safe_open
+
+    files = _safetensors_files(model_dir)
+    config = AutoConfig.from_pretrained(str(model_dir))
+    cls = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
+    lazy_state_dicts = int(transformers.__version__.split(".")[0]) >= 5  # 4.x wants tensors in state_dict
+    if not files or cls is None or not lazy_state_dicts:
+        return AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
+    handles, state = [], {}
+    try:
+        try:
+            handles = [safe_open(str(f), framework="pt", backend="pread") for f in files]
+        except TypeError:  # a safetensors without the pread backend
+            return AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
+        state = {k: h.get_slice(k) for h in handles for k in h.keys()}  # lazy: read when transformers loads it
+        return cls.from_pretrained(None, config=config, state_dict=state, **kwargs)
+    finally:
+        state.clear()
+        for h in handles:
+            h.__exit__(None, None, None)
+
+
 def load_peft_model(run: RunConfig, model_dir: Path, device: str = "cpu", precision: PrecisionSettings | None = None):
     """The base model from `model_dir` in the peer's precision, wrapped with the run's LoRA (peft).
 
     Whatever the base precision, every LoRA parameter is cast to fp32 (swarm.precision says why)."""
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
 
     _quiet_transformers()
     prec = precision or PrecisionSettings()
@@ -46,7 +97,7 @@ def load_peft_model(run: RunConfig, model_dir: Path, device: str = "cpu", precis
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=_TORCH_DTYPE[prec.dtype])
         kwargs["device_map"] = {"": device}
-    base = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
+    base = _from_pretrained(Path(model_dir), kwargs)
     base.config.use_cache = False
     if prec.gradient_checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
