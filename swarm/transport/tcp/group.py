@@ -160,6 +160,7 @@ class Averager:
         self.me = identity.peer_id
         self.banned: frozenset[str] = frozenset()
         self.clip_norm, self.max_norm_ratio, self.chunk_timeout = 1.0, None, 5.0
+        self.allreduce_timeout = 60.0    # the exchange of a formed group (its parts at the link's rate) may take this long
         self.codec = "exact"
         self.vector_size: int | None = None
         self.attempt: Attempt | None = None
@@ -168,11 +169,12 @@ class Averager:
         node.register_service(SERVICE, self._on_channel)
 
     def configure(self, *, vector_size: int, clip_norm: float, max_norm_ratio: float | None, chunk_timeout: float,
-                  codec: str = "exact") -> None:
+                  codec: str = "exact", allreduce_timeout: float = 60.0) -> None:
         if codec not in CODECS:
             raise ValueError(f"averaging codec {codec!r} is not one of {', '.join(CODECS)}")
         self.vector_size, self.clip_norm, self.max_norm_ratio, self.chunk_timeout, self.codec = \
             vector_size, clip_norm, max_norm_ratio, chunk_timeout, codec
+        self.allreduce_timeout = allreduce_timeout
 
     def reducing(self) -> bool:
         a = self.attempt
@@ -204,7 +206,8 @@ class Averager:
                     wait_until=scheduled, give_up=give_up, timeout=timeout,
                     allowed=None if allowed is None else set(allowed) | {self.me})
         future = asyncio.run_coroutine_threadsafe(self._run(a), self.node._runner.loop)
-        hard_end = time.monotonic() + (give_up - now) + timeout + 15.0  # the coroutine bounds itself: a backstop
+        # the coroutine bounds itself (the group by give_up, its exchange by allreduce_timeout): a backstop
+        hard_end = time.monotonic() + (give_up - now) + max(timeout, self.allreduce_timeout) + 15.0
         try:
             while True:
                 try:
@@ -285,8 +288,10 @@ class Averager:
                 vector, wire = open_group(self.codec, a.vector, gathers, expects)
             except AveragingError as e:
                 raise TransportError(f"all-reduce failed: {e}") from None
+            # bounded by allreduce_timeout, not by a.timeout (the wait for the group, which a peer that trained up to
+            # its deadline gets as only 2 x matchmaking_time + 5 s): on a slow line the parts take longer than that
             exchange = Exchange(vector, g.members, self.me, channels, wire.expects, a.meter, self.chunk_timeout,
-                                a.timeout, wire=wire)
+                                self.allreduce_timeout, wire=wire)
             try:
                 return await exchange.run()
             except ExchangeError as e:

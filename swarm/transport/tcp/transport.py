@@ -100,11 +100,12 @@ class TcpTransport:
                        clip_norm: float = 1.0, max_norm_ratio: float | None = None, chunk_timeout: float = 5.0,
                        codec: str = "exact") -> None:
         """The reducers' checks (clip bound, norm ratio), the vector length, the wire codec (`averaging.codec`,
-        swarm.codec: with int8, `all_reduce` takes an `Int8Contribution`) and the stall limit of every all-reduce;
-        the state announcements of this run, and the state's size cap."""
+        swarm.codec: with int8, `all_reduce` takes an `Int8Contribution`), the stall limit of every all-reduce and
+        the bound of its exchange once the group has formed (`allreduce_timeout`; `all_reduce`'s own `timeout` bounds
+        the wait for the group); the state announcements of this run, and the state's size cap."""
         self._state.open(run, vector_size)
         self._averager.configure(vector_size=vector_size, clip_norm=clip_norm, max_norm_ratio=max_norm_ratio,
-                                 chunk_timeout=chunk_timeout, codec=codec)
+                                 chunk_timeout=chunk_timeout, codec=codec, allreduce_timeout=allreduce_timeout)
 
     def all_reduce(self, vector: np.ndarray, *, group_key: str, group_size: int, gather: Any, timeout: float,
                    wait_until: float | None = None, abandon: Callable[[], str | None] | None = None,
